@@ -1,0 +1,145 @@
+"""The `multilane` command: a thin shell over the Runtime."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+
+from multilane.errors import MultilaneError
+from multilane.logs import configure_logging
+
+app = typer.Typer(help="Multilane: agent and RAG pipelines on resident local models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+index_app = typer.Typer(help="Build and inspect document indexes.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress (info level) to stderr.")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _parse_inputs(pairs: list[str]) -> dict[str, Any]:
+    """Turn `key=value` pairs into run inputs; values are coerced to the declared types later."""
+    inputs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--input expects key=value, got '{pair}'", 2)
+        inputs[key.strip()] = value
+    return inputs
+
+
+def _coerce(pipeline: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Convert command-line strings to the types the pipeline declares (int, float, bool, list as JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in inputs.items():
+        declared = pipeline.inputs.get(key)
+        kind = declared.type if declared else "str"
+        try:
+            if kind == "int":
+                out[key] = int(value)
+            elif kind == "float":
+                out[key] = float(value)
+            elif kind == "bool":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1", "yes")
+            elif kind == "list":
+                parsed = json.loads(value) if value.lstrip().startswith("[") else [
+                    v.strip() for v in value.split(",") if v.strip()]
+                if not isinstance(parsed, list):
+                    raise ValueError(value)
+                out[key] = parsed
+            else:
+                out[key] = value
+        except ValueError:
+            _fail(f"input '{key}' should be {kind}, got '{value}'", 2)
+    return out
+
+
+def _progress(index: str, done: int, total: int) -> None:
+    end = "\n" if done >= total else ""
+    sys.stderr.write(f"\rindex '{index}': embedded {done}/{total} chunks{end}")
+    sys.stderr.flush()
+
+
+@app.command()
+def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
+        pipeline: Annotated[str, typer.Argument(help="Pipeline to run.")],
+        input: Annotated[list[str] | None, typer.Option("--input", "-i", help="An input as key=value.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+        verbose: Verbose = False) -> None:
+    """Run a pipeline once and print its output."""
+    configure_logging("info" if verbose else "warning")
+    from multilane.runtime import Runtime
+
+    async def go() -> None:
+        async with Runtime.from_file(file, progress=_progress) as rt:
+            declared = rt.spec.pipeline(pipeline)
+            result = await rt.run(pipeline, _coerce(declared, _parse_inputs(input or [])))
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        elif isinstance(result.output, str):
+            typer.echo(result.output.strip())
+        else:
+            typer.echo(json.dumps(result.output, indent=2, default=str))
+
+    _run_async(go)
+
+
+@app.command()
+def validate(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")]) -> None:
+    """Check a pipeline file without loading any model."""
+    configure_logging("warning")
+    from multilane.spec import load_spec
+
+    try:
+        spec = load_spec(file)
+    except MultilaneError as exc:
+        _fail(str(exc))
+    typer.echo(f"{file}: ok ({len(spec.models)} models, {len(spec.indexes)} indexes, "
+               f"{len(spec.pipelines)} pipelines)")
+
+
+@index_app.command("build")
+def index_build(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
+                index: Annotated[str, typer.Argument(help="Index to build.")],
+                rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild even if unchanged.")] = False,
+                verbose: Verbose = False) -> None:
+    """Build (or reuse, when its documents are unchanged) a declared index."""
+    configure_logging("info" if verbose else "warning")
+    from multilane.runtime import Runtime
+
+    async def go() -> None:
+        async with Runtime.from_file(file, progress=_progress) as rt:
+            opened = await rt.index(index, rebuild=rebuild)
+        typer.echo(f"index '{index}': {opened.status}, {opened.documents} documents, {opened.chunks} chunks, "
+                   f"{opened.device}, at {opened.path}")
+
+    _run_async(go)
+
+
+def _run_async(fn: Any) -> None:
+    try:
+        anyio.run(fn)
+    except MultilaneError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+def main() -> None:
+    """Entry point of the `multilane` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The small protocols every engine backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample one completion."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    json_schema: dict[str, Any] | None = None  # constrain the output to this JSON schema
+    ignore_eos: bool = False
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed output: the new text and how many new tokens it holds."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None  # set on the last chunk
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+@runtime_checkable
+class GenerateEngine(Protocol):
+    """A loaded text-generation model; concurrent calls are batched by the engine itself."""
+
+    identity: str
+    context: int
+    device: str
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """Apply the model's chat template to messages, ready for generation."""
+        ...
+
+    def encode(self, prompt: str) -> list[int]:
+        """Tokenize a rendered prompt with the model's own tokenizer (the template adds special tokens)."""
+        ...
+
+    def stream(self, prompt_ids: Sequence[int], options: SamplingOptions,
+               request_id: str) -> AsyncIterator[Chunk]:
+        """Stream a completion of a tokenized prompt; closing the iterator early aborts the request."""
+        ...
+
+    def unfinished_requests(self) -> int:
+        """How many requests the engine holds now (running or waiting inside it)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop the engine and free its memory; idempotent."""
+        ...
+
+
+@runtime_checkable
+class EmbeddingEngine(Protocol):
+    """A loaded embedding model."""
+
+    identity: str  # stable across runs for the same weights: part of an index's fingerprint
+    device: str
+    dimension: int
+    max_tokens: int  # longest input the model embeds without truncation
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts as an (n, dimension) float32 array of L2-normalised rows."""
+        ...
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character (start, end) offsets of each token of text, special tokens excluded."""
+        ...
+
+    async def close(self) -> None:
+        """Free the model; idempotent."""
+        ...

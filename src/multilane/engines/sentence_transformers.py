@@ -1,0 +1,83 @@
+"""Embedding engine on sentence-transformers, encoding in a worker thread off the event loop."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import numpy as np
+import structlog
+
+from multilane.errors import EngineError
+
+log = structlog.get_logger(__name__)
+
+
+def pick_device() -> str:
+    """CUDA when torch sees a GPU, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SentenceTransformerEngine:
+    """A loaded sentence-transformers model; one encode runs at a time, each over a whole batch."""
+
+    def __init__(self, model: Any, *, identity: str, device: str, batch_size: int = 32) -> None:
+        self._model = model
+        self.identity = identity
+        self.device = device
+        self.batch_size = batch_size
+        self.dimension = int(model.get_sentence_embedding_dimension())
+        self.max_tokens = int(model.max_seq_length)
+        # torch already uses every core for one encode; two at once would only fight for them.
+        self._limiter = anyio.CapacityLimiter(1)
+        # A fast tokenizer raises "Already borrowed" when two threads use it at once.
+        self._tokenizer_lock = threading.Lock()
+
+    @classmethod
+    async def load(cls, path: str, *, identity: str, batch_size: int = 32,
+                   device: str | None = None) -> SentenceTransformerEngine:
+        """Load a sentence-transformers folder onto the best device."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+        def _load() -> SentenceTransformerEngine:
+            from sentence_transformers import SentenceTransformer
+
+            chosen = device or pick_device()
+            model = SentenceTransformer(path, device=chosen, local_files_only=True)
+            return cls(model, identity=identity, device=chosen, batch_size=batch_size)
+
+        log.info("loading embedding model", path=path)
+        try:
+            return await anyio.to_thread.run_sync(_load)
+        except Exception as exc:
+            raise EngineError(f"sentence-transformers could not load {path}: {exc}") from exc
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts as L2-normalised float32 rows."""
+        if self._model is None:
+            raise EngineError("embedding engine is closed")
+        model = self._model
+
+        def _encode() -> np.ndarray:
+            with self._tokenizer_lock:
+                vectors = model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                       convert_to_numpy=True, show_progress_bar=False)
+            return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
+
+        return await anyio.to_thread.run_sync(_encode, limiter=self._limiter)
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of each word-piece of text."""
+        with self._tokenizer_lock:
+            encoded = self._model.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False,
+                                            truncation=False, verbose=False)
+        return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
+
+    async def close(self) -> None:
+        """Drop the model so its memory can be freed."""
+        self._model = None

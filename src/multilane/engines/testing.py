@@ -1,0 +1,151 @@
+"""Deterministic fake engines for fast tests of pipelines and agents, with no model at all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+
+from multilane.engines.base import Chunk, Message, SamplingOptions
+
+Reply = str | Callable[[str, SamplingOptions], str]
+_WORD = re.compile(r"\S+")
+
+
+@dataclass
+class CallRecord:
+    """One request a fake engine served: what it was asked, when it ran, how it ended."""
+
+    request_id: str
+    prompt: str
+    options: SamplingOptions
+    started: float
+    finished: float | None = None
+    aborted: bool = False
+
+
+def example_for_schema(schema: dict[str, Any]) -> Any:
+    """A small value valid against a simple JSON schema (objects, arrays, enums, scalars)."""
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            return example_for_schema(schema[key][0])
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = kind[0]
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {name: example_for_schema(props[name]) for name in schema.get("required", list(props))}
+    if kind == "array":
+        return [example_for_schema(schema.get("items", {"type": "string"}))] * schema.get("minItems", 1)
+    return {"string": "text", "integer": 0, "number": 0.0, "boolean": True, "null": None}.get(kind, "text")
+
+
+class FakeGenerateEngine:
+    """A generate engine that answers with a fixed or computed reply, one word per token, at a set pace.
+
+    With a JSON schema in the options it answers with a value valid against the schema, as vLLM's
+    structured outputs would. Every call is recorded in `calls`, with start and end times.
+    """
+
+    def __init__(self, reply: Reply = "fake reply", *, context: int = 2048, token_delay: float = 0.0,
+                 identity: str = "fake-generate", device: str = "cpu") -> None:
+        self.reply = reply
+        self.context = context
+        self.token_delay = token_delay
+        self.identity = identity
+        self.device = device
+        self.calls: list[CallRecord] = []
+        self.closed = False
+        self._running = 0
+        self._texts: dict[tuple[int, ...], str] = {}
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """Join the turns as `role: content` lines."""
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+    def encode(self, prompt: str) -> list[int]:
+        """One token per whitespace-separated word; the fake remembers the text behind the ids."""
+        ids = [int(hashlib.blake2b(w.encode(), digest_size=2).hexdigest(), 16) for w in _WORD.findall(prompt)]
+        self._texts[tuple(ids)] = prompt
+        return ids
+
+    def unfinished_requests(self) -> int:
+        """Requests streaming now."""
+        return self._running
+
+    def _answer(self, prompt: str, options: SamplingOptions) -> str:
+        if callable(self.reply):
+            return self.reply(prompt, options)
+        if options.json_schema is not None:
+            return json.dumps(example_for_schema(options.json_schema))
+        return self.reply
+
+    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions,
+                     request_id: str) -> AsyncIterator[Chunk]:
+        """Yield the reply word by word, sleeping `token_delay` before each."""
+        prompt = self._texts.get(tuple(prompt_ids), "")
+        record = CallRecord(request_id, prompt, options, time.perf_counter(), aborted=True)
+        self.calls.append(record)
+        self._running += 1
+        words = re.findall(r"\S+\s*", self._answer(prompt, options))[: options.max_tokens] or [""]
+        try:
+            for i, word in enumerate(words):
+                await anyio.sleep(self.token_delay)
+                last = i == len(words) - 1
+                if last:
+                    record.aborted = False
+                yield Chunk(word, 1 if word else 0, finish_reason="stop" if last else None)
+        finally:
+            record.finished = time.perf_counter()
+            self._running -= 1
+
+    async def close(self) -> None:
+        """Mark the engine closed."""
+        self.closed = True
+
+
+class FakeEmbeddingEngine:
+    """An embedding engine that hashes words into a normalised bag-of-words vector."""
+
+    def __init__(self, dimension: int = 64, *, identity: str = "fake-embedding", device: str = "cpu",
+                 max_tokens: int = 256) -> None:
+        self.dimension = dimension
+        self.identity = identity
+        self.device = device
+        self.max_tokens = max_tokens
+        self.calls: list[list[str]] = []
+        self.closed = False
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed each text as its normalised hashed word counts."""
+        self.calls.append(list(texts))
+        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in _WORD.findall(text.lower()):
+                word = word.strip(".,;:!?()[]\"'")
+                if word:
+                    out[row, int(hashlib.blake2b(word.encode(), digest_size=4).hexdigest(), 16)
+                        % self.dimension] += 1.0
+            norm = float(np.linalg.norm(out[row]))
+            if norm:
+                out[row] /= norm
+        return out
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """One token per whitespace-separated word."""
+        return [m.span() for m in _WORD.finditer(text)]
+
+    async def close(self) -> None:
+        """Mark the engine closed."""
+        self.closed = True

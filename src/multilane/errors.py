@@ -1,0 +1,73 @@
+"""One error hierarchy: every failure a user can cause or meet is a `MultilaneError`."""
+
+from __future__ import annotations
+
+
+class MultilaneError(Exception):
+    """Base of every error Multilane raises on purpose."""
+
+
+class SpecError(MultilaneError):
+    """A pipeline file is malformed or inconsistent; the message names file, line and field."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        self.file = file
+        self.line = line
+        self.field = field
+        self.reason = message
+        where = ""
+        if file:
+            where = file if line is None else f"{file}:{line}"
+        if field:
+            where = f"{where} {field}" if where else field
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class SourceError(MultilaneError):
+    """A model source cannot be found, read or prepared."""
+
+
+class TemplateError(MultilaneError):
+    """A template failed to render (an undefined name, a sandbox violation, a bad filter)."""
+
+
+class InputError(MultilaneError):
+    """A run got a missing, unknown or mistyped input."""
+
+
+class UnknownNameError(MultilaneError, KeyError):
+    """A pipeline, model or index name that the spec does not declare."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class IndexBuildError(MultilaneError):
+    """An index could not be built (no documents matched, unreadable file, embedder failure)."""
+
+
+class EngineError(MultilaneError):
+    """An engine failed to load or to serve a request."""
+
+
+class OutputValidationError(MultilaneError):
+    """A model's output did not parse or did not match the JSON schema it was constrained to."""
+
+
+class StageError(MultilaneError):
+    """A stage of a run failed; wraps the cause and names the pipeline and stage."""
+
+    def __init__(self, pipeline: str, stage: str, cause: BaseException) -> None:
+        self.pipeline = pipeline
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"pipeline '{pipeline}' stage '{stage}': {cause}")
+
+
+class QueueFullError(MultilaneError):
+    """A lane's bounded queue is full; the call was not admitted."""
+
+
+class ContextLengthError(MultilaneError):
+    """A prompt plus its max_tokens does not fit the lane's context."""

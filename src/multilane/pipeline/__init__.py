@@ -1,0 +1,1 @@
+"""Pipelines: the stage graph, its executor, stage kinds and sandboxed templates."""

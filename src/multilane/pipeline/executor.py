@@ -1,0 +1,196 @@
+"""The executor: walks a pipeline's stage graph, running every stage as soon as what it reads is ready."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import jsonschema
+import structlog
+
+from multilane.engines.base import Message, SamplingOptions
+from multilane.errors import MultilaneError, OutputValidationError, StageError
+from multilane.lanes import Lane
+from multilane.pipeline.templates import render
+from multilane.retrieval import OpenedIndex
+from multilane.spec import (
+    EmbedStage,
+    PipelineSpec,
+    ReasonStage,
+    RetrieveStage,
+    ToolCallStage,
+    _GenerateStage,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class Resources(Protocol):
+    """What stages need from the runtime: lanes by model name and indexes by index name."""
+
+    async def lane(self, name: str) -> Lane: ...
+
+    async def index(self, name: str) -> OpenedIndex: ...
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """When a stage of a run started and finished (perf_counter seconds), and whether it failed."""
+
+    stage: str
+    started: float
+    finished: float
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of a pipeline run: its output, every stage's result, and the stage timeline."""
+
+    run_id: str
+    pipeline: str
+    output: Any
+    stages: dict[str, dict[str, Any]]
+    events: list[StageEvent] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the result."""
+        return {"run_id": self.run_id, "pipeline": self.pipeline, "output": self.output,
+                "stages": self.stages, "seconds": round(self.seconds, 3),
+                "events": [{"stage": e.stage, "started": e.started, "finished": e.finished, "ok": e.ok}
+                           for e in self.events]}
+
+
+StageRunner = Callable[[Any, Resources, Mapping[str, Any], Mapping[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _messages(stage: _GenerateStage, inputs: Mapping[str, Any], stages: Mapping[str, Any]) -> list[Message]:
+    messages: list[Message] = []
+    if stage.system is not None:
+        messages.append({"role": "system", "content": render(stage.system, inputs=inputs, stages=stages)})
+    messages.append({"role": "user", "content": render(stage.prompt, inputs=inputs, stages=stages)})
+    return messages
+
+
+def _options(stage: _GenerateStage, schema: dict[str, Any] | None = None) -> SamplingOptions:
+    return SamplingOptions(max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p,
+                           stop=tuple(stage.stop), json_schema=schema)
+
+
+async def _run_embed(stage: EmbedStage, res: Resources, inputs: Mapping[str, Any],
+                     stages: Mapping[str, Any]) -> dict[str, Any]:
+    text = render(stage.text, inputs=inputs, stages=stages)
+    lane = await res.lane(stage.model)
+    vector = (await lane.embed([text]))[0]
+    return {"vector": [float(x) for x in vector], "dimension": int(vector.shape[0]), "text": text}
+
+
+async def _run_retrieve(stage: RetrieveStage, res: Resources, inputs: Mapping[str, Any],
+                        stages: Mapping[str, Any]) -> dict[str, Any]:
+    query = render(stage.query, inputs=inputs, stages=stages)
+    index = await res.index(stage.index)
+    hits = (await index.search([query], stage.top_k))[0]
+    passages: list[dict[str, Any]] = [{"rank": rank, "source": hit.chunk.source, "score": round(float(hit.score), 4),
+                 "text": hit.chunk.text} for rank, hit in enumerate(hits, start=1)]
+    text = "\n\n".join(f"[{p['rank']}] ({p['source']})\n{p['text'].strip()}" for p in passages)
+    return {"query": query, "passages": passages, "text": text}
+
+
+async def _run_reason(stage: ReasonStage, res: Resources, inputs: Mapping[str, Any],
+                      stages: Mapping[str, Any]) -> dict[str, Any]:
+    messages = _messages(stage, inputs, stages)
+    lane = await res.lane(stage.model)
+    done = await lane.generate(messages, _options(stage), truncate=stage.truncate)
+    return {"text": done.text.strip(), "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
+
+
+async def _run_tool_call(stage: ToolCallStage, res: Resources, inputs: Mapping[str, Any],
+                         stages: Mapping[str, Any]) -> dict[str, Any]:
+    messages = _messages(stage, inputs, stages)
+    lane = await res.lane(stage.model)
+    done = await lane.generate(messages, _options(stage, stage.json_schema), truncate=stage.truncate)
+    value = parse_json_output(done.text, stage.json_schema, finish_reason=done.finish_reason)
+    return {"json": value, "text": done.text, "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
+
+
+def parse_json_output(text: str, schema: dict[str, Any], *, finish_reason: str | None = None) -> Any:
+    """Parse a constrained output and validate it against its schema; a violation is an error, never passed on."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        hint = " (the output hit max_tokens before the JSON closed; raise max_tokens)" \
+            if finish_reason == "length" else ""
+        raise OutputValidationError(f"model output is not valid JSON{hint}: {exc}; output: {text[:200]!r}") \
+            from exc
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise OutputValidationError(f"model output does not match the schema at {where}: {exc.message}") \
+            from exc
+    return value
+
+
+RUNNERS: dict[str, StageRunner] = {
+    "embed": _run_embed,  # type: ignore[dict-item]
+    "retrieve": _run_retrieve,  # type: ignore[dict-item]
+    "reason": _run_reason,  # type: ignore[dict-item]
+    "tool_call": _run_tool_call,  # type: ignore[dict-item]
+}
+
+
+async def execute(name: str, pipeline: PipelineSpec, inputs: Mapping[str, Any], resources: Resources, *,
+                  run_id: str | None = None) -> RunResult:
+    """Run a pipeline: each stage starts once the stages it depends on finished; a failure cancels the rest."""
+    run_id = run_id or uuid.uuid4().hex[:12]
+    bound = pipeline.check_inputs(inputs, pipeline=name)
+    deps = pipeline.dependencies()
+    done = {stage: anyio.Event() for stage in pipeline.stages}
+    results: dict[str, dict[str, Any]] = {}
+    events: list[StageEvent] = []
+    failures: list[StageError] = []
+    started = time.perf_counter()
+
+    async def run_stage(stage_name: str, cancel: anyio.CancelScope) -> None:
+        for dep in deps[stage_name]:
+            await done[dep].wait()
+        stage = pipeline.stages[stage_name]
+        log.debug("stage started", stage=stage_name, kind=stage.kind)
+        t0 = time.perf_counter()
+        try:
+            with anyio.fail_after(stage.timeout_seconds):
+                result = await RUNNERS[stage.kind](stage, resources, bound, results)
+        except (MultilaneError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"timed out after {stage.timeout_seconds:g}s (the stage's timeout)")
+            failures.append(StageError(name, stage_name, exc))
+            events.append(StageEvent(stage_name, t0, time.perf_counter(), ok=False))
+            cancel.cancel()  # a failed stage stops its siblings; their engine requests are aborted
+            return
+        events.append(StageEvent(stage_name, t0, time.perf_counter()))
+        results[stage_name] = result
+        log.info("stage finished", stage=stage_name, kind=stage.kind, seconds=round(time.perf_counter() - t0, 3))
+        done[stage_name].set()
+
+    with structlog.contextvars.bound_contextvars(run_id=run_id, pipeline=name):
+        log.info("run started", stages=len(pipeline.stages))
+        async with anyio.create_task_group() as tg:
+            for stage_name in pipeline.stages:
+                tg.start_soon(run_stage, stage_name, tg.cancel_scope)
+        if failures:
+            failure = failures[0]
+            log.error("run failed", stage=failure.stage, error=str(failure.cause))
+            raise failure from failure.cause
+        output: Any = results if pipeline.output is None else render(
+            pipeline.output, inputs=bound, stages=results)
+        seconds = time.perf_counter() - started
+        log.info("run finished", seconds=round(seconds, 3))
+    return RunResult(run_id, name, output, results, sorted(events, key=lambda e: e.started), seconds)
