@@ -1,5 +1,11 @@
 """Multilane: a multi-lane asyncio runtime for agent and RAG pipelines on resident local models."""
 
+import os as _os
+
+# Models come from local sources only; nothing is fetched from a model hub (set HF_HUB_OFFLINE=0 to allow it).
+# Set before transformers or huggingface_hub is imported, since they read it once.
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from multilane.engines.base import Completion, SamplingOptions
 from multilane.errors import (
     ContextLengthError,

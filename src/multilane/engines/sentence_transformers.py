@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +30,8 @@ class SentenceTransformerEngine:
         self.identity = identity
         self.device = device
         self.batch_size = batch_size
-        self.dimension = int(model.get_sentence_embedding_dimension())
+        dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.dimension = int(dimension())
         self.max_tokens = int(model.max_seq_length)
         # torch already uses every core for one encode; two at once would only fight for them.
         self._limiter = anyio.CapacityLimiter(1)
@@ -42,7 +42,6 @@ class SentenceTransformerEngine:
     async def load(cls, path: str, *, identity: str, batch_size: int = 32,
                    device: str | None = None) -> SentenceTransformerEngine:
         """Load a sentence-transformers folder onto the best device."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
         def _load() -> SentenceTransformerEngine:
             from sentence_transformers import SentenceTransformer

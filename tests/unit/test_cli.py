@@ -1,0 +1,182 @@
+"""The `multilane` command: exit codes and messages a user sees, with fake engines instead of real models."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+import multilane.runtime
+from multilane.cli import app
+from multilane.spec import Spec
+from multilane.testing import FakeEmbeddingEngine, FakeGenerateEngine
+
+PIPELINE = """
+models:
+  embedder: {kind: embedding, source: ./embedder}
+  assistant: {kind: generate, source: ./assistant}
+indexes:
+  docs: {embedder: embedder, documents: "docs/*.md", chunk_tokens: 32, chunk_overlap: 4}
+pipelines:
+  ask:
+    inputs: {question: str}
+    stages:
+      passages: {kind: retrieve, index: docs, query: "{{ inputs.question }}", top_k: 1}
+      answer: {kind: reason, model: assistant, prompt: "{{ stages.passages.text }} {{ inputs.question }}"}
+    output: "{{ stages.answer.text }}"
+"""
+
+
+class ThreadedCliRunner(CliRunner):
+    """Invokes the CLI in a fresh thread, as a user's shell would: with no event loop already running.
+
+    In a full test session, the integration tests keep a session-wide event loop open on the main thread.
+    """
+
+    def invoke(self, *args: Any, **kwargs: Any) -> Result:  # type: ignore[override]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(super().invoke, *args, **kwargs).result()
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
+    """A runner whose cached indexes go under tmp_path."""
+    monkeypatch.setenv("MULTILANE_HOME", str(tmp_path / "home"))
+    return ThreadedCliRunner()
+
+
+@pytest.fixture
+def fake_models(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Make the CLI's runtimes load fake engines; returns how many engines were made per model."""
+    loads: dict[str, int] = {}
+
+    async def load_fake(name: str, spec: Spec) -> Any:
+        loads[name] = loads.get(name, 0) + 1
+        if spec.model(name).kind == "embedding":
+            return FakeEmbeddingEngine()
+        return FakeGenerateEngine("Lava is surface magma.")
+
+    monkeypatch.setattr(multilane.runtime, "load_engine", load_fake)
+    return loads
+
+
+def write(tmp_path: Path, text: str, name: str = "t.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def write_docs(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "lava.md").write_text("# Lava\n\nMagma that reaches the surface is called lava.\n")
+
+
+def test_validate_accepts_a_good_file(cli: CliRunner, tmp_path: Path) -> None:
+    result = cli.invoke(app, ["validate", str(write(tmp_path, PIPELINE))])
+
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.stdout
+    assert "2 models, 1 indexes, 1 pipelines" in result.stdout
+
+
+def test_validate_reports_malformed_yaml_with_file_and_line_and_no_traceback(cli: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  a: {kind: generate, source: x\n  b: 1\n")
+    result = cli.invoke(app, ["validate", str(path)])
+
+    assert result.exit_code == 1
+    assert f"{path}:3" in result.stderr
+    assert "invalid YAML" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_validate_reports_an_unknown_model_with_its_field_path(cli: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path, PIPELINE.replace("model: assistant", "model: assistent"))
+    result = cli.invoke(app, ["validate", str(path)])
+
+    assert result.exit_code == 1
+    assert "pipelines.ask.stages.answer.model" in result.stderr
+    assert "unknown model 'assistent'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_run_unknown_pipeline_exits_1(cli: CliRunner, tmp_path: Path, fake_models: dict[str, int]) -> None:
+    result = cli.invoke(app, ["run", str(write(tmp_path, PIPELINE)), "nope", "-i", "question=hi"])
+
+    assert result.exit_code == 1
+    assert "unknown pipeline 'nope'" in result.stderr
+    assert not fake_models  # nothing was loaded
+
+
+def test_run_missing_input_exits_1_naming_it(cli: CliRunner, tmp_path: Path, fake_models: dict[str, int]) -> None:
+    result = cli.invoke(app, ["run", str(write(tmp_path, PIPELINE)), "ask"])
+
+    assert result.exit_code == 1
+    assert "missing input 'question'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_run_input_without_equals_sign_is_a_usage_error(cli: CliRunner, tmp_path: Path,
+                                                        fake_models: dict[str, int]) -> None:
+    result = cli.invoke(app, ["run", str(write(tmp_path, PIPELINE)), "ask", "-i", "question"])
+
+    assert result.exit_code == 2
+    assert "key=value" in result.stderr
+
+
+def test_index_build_with_documents_matching_nothing_exits_1(cli: CliRunner, tmp_path: Path,
+                                                            fake_models: dict[str, int]) -> None:
+    result = cli.invoke(app, ["index", "build", str(write(tmp_path, PIPELINE)), "docs"])
+
+    assert result.exit_code == 1
+    assert "no files match" in result.stderr
+    assert "docs/*.md" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_index_build_with_fakes_reports_the_index(cli: CliRunner, tmp_path: Path,
+                                                  fake_models: dict[str, int]) -> None:
+    write_docs(tmp_path)
+    result = cli.invoke(app, ["index", "build", str(write(tmp_path, PIPELINE)), "docs"])
+
+    assert result.exit_code == 0, result.output
+    assert "index 'docs'" in result.stdout
+    assert "1 documents" in result.stdout
+    assert fake_models == {"embedder": 1}  # building an index loads only its embedder
+
+
+def test_run_prints_the_output(cli: CliRunner, tmp_path: Path, fake_models: dict[str, int]) -> None:
+    write_docs(tmp_path)
+    result = cli.invoke(app, ["run", str(write(tmp_path, PIPELINE)), "ask", "-i", "question=what is lava?"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "Lava is surface magma."
+
+
+def test_run_json_prints_the_whole_result(cli: CliRunner, tmp_path: Path, fake_models: dict[str, int]) -> None:
+    write_docs(tmp_path)
+    result = cli.invoke(app, ["run", str(write(tmp_path, PIPELINE)), "ask", "-i", "question=what is lava?",
+                              "--json"])
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["output"] == "Lava is surface magma."
+    assert data["run_id"]
+    assert set(data["stages"]) == {"passages", "answer"}
+    assert {e["stage"] for e in data["events"]} == {"passages", "answer"}
+
+
+def test_index_build_with_a_missing_model_source_says_not_found(cli: CliRunner, tmp_path: Path) -> None:
+    write_docs(tmp_path)
+    path = write(tmp_path, PIPELINE.replace("source: ./embedder", "source: ./missing-model"))
+    result = cli.invoke(app, ["index", "build", str(path), "docs"])  # the real engine loader
+
+    assert result.exit_code == 1
+    assert "not found" in result.stderr
+    assert str(tmp_path / "missing-model") in result.stderr
+    assert "Traceback" not in result.output
