@@ -9,9 +9,11 @@ _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from multilane.engines.base import Completion, SamplingOptions
 from multilane.errors import (
     ContextLengthError,
+    EngineDeadError,
     EngineError,
     IndexBuildError,
     InputError,
+    MemoryBudgetError,
     MultilaneError,
     OutputValidationError,
     QueueFullError,
@@ -30,9 +32,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Completion",
     "ContextLengthError",
+    "EngineDeadError",
     "EngineError",
     "IndexBuildError",
     "InputError",
+    "MemoryBudgetError",
     "MultilaneError",
     "OutputValidationError",
     "QueueFullError",

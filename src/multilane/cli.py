@@ -66,8 +66,11 @@ def _coerce(pipeline: Any, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _progress(index: str, done: int, total: int) -> None:
-    end = "\n" if done >= total else ""
-    sys.stderr.write(f"\rindex '{index}': embedded {done}/{total} chunks{end}")
+    if sys.stderr.isatty():
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\rindex '{index}': embedded {done}/{total} chunks{end}")
+    elif done >= total:
+        sys.stderr.write(f"index '{index}': embedded {total} chunks\n")
     sys.stderr.flush()
 
 

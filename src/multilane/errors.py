@@ -51,6 +51,14 @@ class EngineError(MultilaneError):
     """An engine failed to load or to serve a request."""
 
 
+class EngineDeadError(EngineError):
+    """A lane's engine died (its process was killed or crashed); the lane is dropped and reloads on next use."""
+
+
+class MemoryBudgetError(MultilaneError):
+    """A model cannot be loaded within the memory budget or the loaded-models cap; the message shows the numbers."""
+
+
 class OutputValidationError(MultilaneError):
     """A model's output did not parse or did not match the JSON schema it was constrained to."""
 

@@ -29,3 +29,5 @@ def configure_logging(level: str = "warning", *, json: bool = False) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if numeric <= logging.DEBUG else "ERROR")
     if numeric > logging.INFO:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # vLLM's engine core is a child process: only the environment reaches its warning filters.
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")

@@ -3,48 +3,113 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import anyio
+import numpy as np
+import psutil
 import structlog
 
+from multilane.durations import parse_duration
+from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateEngine, Message, SamplingOptions
 from multilane.errors import EngineError, MultilaneError
-from multilane.lanes import Engine, Lane, Pool
+from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
 from multilane.pipeline.executor import RunResult, execute
 from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home, resolve_source
-from multilane.spec import Spec, load_spec
+from multilane.spec import ModelSpec, Spec, load_spec
 
 log = structlog.get_logger(__name__)
 
 EngineFactory = Callable[[str, Spec], Awaitable[Engine]]
-"""Makes the engine of a declared model (name, spec); the default loads real weights."""
+"""Makes the engine of a declared model (name, spec): the hook for fake engines in tests."""
 
 ProgressCallback = Callable[[str, int, int], None]
 """Called with (index name, chunks embedded, chunks in all) while an index builds."""
 
+CPU_BUDGET_SHARE = 0.8  # of available RAM, when memory_budget is auto on the CPU
+GPU_BUDGET_SHARE = 0.9  # of free GPU memory, when memory_budget is auto on a GPU
 
-async def load_engine(name: str, spec: Spec) -> Engine:
-    """Resolve a model's source and start its engine: vLLM for generate models, sentence-transformers for embeddings."""
+
+def auto_budget(*, gpu: bool) -> int:
+    """A safe share of free GPU memory, or of available RAM on the CPU."""
+    if gpu:
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return int(free * GPU_BUDGET_SHARE)
+    return int(psutil.virtual_memory().available * CPU_BUDGET_SHARE)
+
+
+def _settings_key(model: ModelSpec) -> str:
+    """The engine settings that must match for two declared models to share a lane."""
+    return json.dumps({"kind": model.kind, "context": model.context, "parallel": model.parallel,
+                       "dtype": model.dtype, "batch_size": model.batch_size, "engine": model.engine},
+                      sort_keys=True, default=str)
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin"))
+
+
+async def plan_model(name: str, spec: Spec) -> LanePlan:
+    """Resolve a model's source and work out its lane's cost: vLLM for generate, sentence-transformers for embedding."""
     model = spec.model(name)
     prepared = await anyio.to_thread.run_sync(lambda: resolve_source(model.source, base_dir=spec.base_dir))
+    key = (prepared.identity, _settings_key(model))
+    path = str(prepared.path)
     if model.kind == "embedding":
         from multilane.engines.sentence_transformers import SentenceTransformerEngine
 
-        return await SentenceTransformerEngine.load(str(prepared.path), identity=prepared.identity,
-                                                    batch_size=model.batch_size)
+        async def load_embedding() -> Engine:
+            return await SentenceTransformerEngine.load(path, identity=prepared.identity,
+                                                        batch_size=model.batch_size)
+
+        weights = await anyio.to_thread.run_sync(_weights_bytes, prepared.path)
+        return LanePlan(key, "embedding", model.source, load_embedding, weights_bytes=weights,
+                        parallel=model.parallel)
+
     from multilane.engines.vllm import VLLMEngine
     from multilane.memory import footprint
 
     context = model.context or 2048
-    kv_bytes = footprint(prepared.path, model.dtype).kv_bytes(model.parallel, context)
-    return await VLLMEngine.load(str(prepared.path), identity=prepared.identity, context=context,
-                                 parallel=model.parallel, dtype=model.dtype, kv_cache_bytes=kv_bytes,
-                                 options=model.engine)
+    cost = footprint(prepared.path, model.dtype)
+
+    async def load_generate() -> Engine:
+        return await VLLMEngine.load(path, identity=prepared.identity, context=context, parallel=model.parallel,
+                                     dtype=model.dtype, kv_cache_bytes=plan.kv_bytes, options=model.engine)
+
+    plan = LanePlan(key, "generate", model.source, load_generate, weights_bytes=cost.weights_bytes,
+                    kv_bytes_per_token=cost.kv_bytes_per_token, parallel=model.parallel, context=context)
+    return plan
+
+
+class _LaneEmbedder:
+    """An index's view of its embedding model: embeds through the pool, so slots and keep-alive apply."""
+
+    def __init__(self, pool: Pool, name: str, engine: EmbeddingEngine) -> None:
+        self._pool = pool
+        self._name = name
+        self._engine = engine
+        self.identity = engine.identity
+        self.device = engine.device
+        self.dimension = engine.dimension
+        self.max_tokens = engine.max_tokens
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return await self._pool.embed(self._name, texts)
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        return self._engine.token_spans(text)
+
+    async def close(self) -> None:
+        return None
 
 
 class Runtime:
@@ -53,21 +118,40 @@ class Runtime:
     def __init__(self, spec: Spec, *, engines: EngineFactory | None = None, index_root: Path | None = None,
                  progress: ProgressCallback | None = None) -> None:
         self.spec = spec
-        self._engine_factory = engines or load_engine
+        self._engine_factory = engines
         self._index_root = index_root or multilane_home() / "indexes"
         self._progress = progress
-        self._pool = Pool({name: m.kind for name, m in spec.models.items()}, self._load)
+        runtime = spec.runtime
+        self._pool = Pool(self._plan, models={name: (m.kind, m.keep_alive_seconds) for name, m in spec.models.items()},
+                          budget_bytes=runtime.memory_budget_bytes, max_loaded=runtime.max_loaded_models,
+                          max_queue=runtime.max_queue)
         self._indexes: dict[str, OpenedIndex] = {}
         self._index_locks: dict[str, anyio.Lock] = {}
-        self._open = False
+        self._task_group: anyio.abc.TaskGroup | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> Runtime:
         """Load and validate a pipeline file; raises SpecError naming file, line and field."""
         return cls(load_spec(path), **kwargs)
 
+    @property
+    def pool(self) -> Pool:
+        """The lanes: budget, cap, queue and metrics."""
+        return self._pool
+
     async def __aenter__(self) -> Runtime:
-        self._open = True
+        if self._pool.budget_bytes is None:
+            self._pool.budget_bytes = auto_budget(gpu=self._engine_factory is None and _has_gpu())
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._pool.reap_forever)
+        try:
+            for name, model in self.spec.models.items():  # pinned and preloaded models load at start
+                if model.preload or model.keep_alive_seconds is None:
+                    await self._pool.lane(name)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -76,28 +160,83 @@ class Runtime:
 
     async def close(self) -> None:
         """Stop every engine; the runtime cannot run anything afterwards."""
-        self._open = False
+        group, self._task_group = self._task_group, None
         self._indexes.clear()
-        await self._pool.close()
+        try:
+            await self._pool.close()
+        finally:
+            if group is not None:
+                group.cancel_scope.cancel()
+                await group.__aexit__(None, None, None)
 
     def _check_open(self) -> None:
-        if not self._open:
+        if self._task_group is None:
             raise MultilaneError("the runtime is not open; use `async with Runtime(...) as rt:`")
 
-    async def _load(self, name: str) -> Engine:
-        engine = await self._engine_factory(name, self.spec)
-        expected = self.spec.model(name).kind
-        from multilane.engines.base import EmbeddingEngine, GenerateEngine
+    async def _plan(self, name: str) -> LanePlan:
+        if self._engine_factory is None:
+            return await plan_model(name, self.spec)
+        model = self.spec.model(name)
+        factory = self._engine_factory
 
-        if not isinstance(engine, EmbeddingEngine if expected == "embedding" else GenerateEngine):
-            await engine.close()
-            raise EngineError(f"the engine made for model '{name}' is not a {expected} engine")
-        return engine
+        async def load() -> Engine:
+            engine = await factory(name, self.spec)
+            expected = EmbeddingEngine if model.kind == "embedding" else GenerateEngine
+            if not isinstance(engine, expected):
+                await engine.close()
+                raise EngineError(f"the engine made for model '{name}' is not a {model.kind} engine")
+            return engine
 
-    async def lane(self, name: str) -> Lane:
-        """The lane of a declared model, loaded on first use."""
+        return LanePlan((model.source, _settings_key(model)), model.kind, model.source, load,
+                        parallel=model.parallel, context=model.context)
+
+    # ---- models
+
+    async def load(self, model: str) -> Lane:
+        """Load a declared model now (it stays for its keep_alive once idle)."""
         self._check_open()
-        return await self._pool.lane(name)
+        lane = await self._pool.lane(model)
+        self._pool.lane_changed(lane)
+        return lane
+
+    async def plan(self, model: str) -> LanePlan:
+        """What loading a model would cost (weights, KV cache) and which lane it would share, loading nothing."""
+        return await self._pool.plan(model)
+
+    async def unload(self, model: str) -> bool:
+        """Unload a model now, or as soon as its running calls finish; False if it was not loaded."""
+        self._check_open()
+        self.spec.model(model)
+        return await self._pool.unload(model)
+
+    def ps(self) -> list[dict[str, Any]]:
+        """The loaded lanes: model, source, device, memory, slots busy/total, queue, context, expiry."""
+        return self._pool.ps()
+
+    async def generate(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
+                       *, truncate: bool = False, keep_alive: str | float | None = None) -> Completion:
+        """Generate a completion of a chat (or of one user message) with a declared generate model."""
+        self._check_open()
+        return await self._pool.generate(model, _as_messages(messages), options or SamplingOptions(),
+                                         truncate=truncate, keep_alive=_keep_alive(keep_alive))
+
+    async def stream(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
+                     *, truncate: bool = False, keep_alive: str | float | None = None) -> AsyncIterator[Chunk]:
+        """Stream a completion chunk by chunk; leaving the loop early aborts the engine request."""
+        self._check_open()
+        chunks = self._pool.stream(model, _as_messages(messages), options or SamplingOptions(),
+                                   truncate=truncate, keep_alive=_keep_alive(keep_alive))
+        async with aclosing(chunks):  # a caller leaving early aborts the request before the slot is reused
+            async for chunk in chunks:
+                yield chunk
+
+    async def embed(self, model: str, texts: Sequence[str], *,
+                    keep_alive: str | float | None = None) -> np.ndarray:
+        """Embed texts with a declared embedding model, as L2-normalised float32 rows."""
+        self._check_open()
+        return await self._pool.embed(model, texts, keep_alive=_keep_alive(keep_alive))
+
+    # ---- indexes and pipelines
 
     async def index(self, name: str, *, rebuild: bool = False) -> OpenedIndex:
         """Open a declared index: reuse its saved build when the documents are unchanged, else (re)build it."""
@@ -110,14 +249,15 @@ class Runtime:
         async with lock:
             opened = self._indexes.get(name)
             if opened is None or rebuild:
-                embedder = await self.lane(declared.embedder)
-                progress = self._progress
-                opened = await open_index(
-                    name, patterns=list(declared.document_globs), base_dir=self.spec.base_dir,
-                    embedder=embedder.engine,  # type: ignore[arg-type]
-                    chunk_tokens=declared.chunk_tokens, chunk_overlap=declared.chunk_overlap,
-                    root=self._index_root / self._index_folder(name), rebuild=rebuild,
-                    progress=(lambda done, total: progress(name, done, total)) if progress else None)
+                async with self._pool.hold(declared.embedder) as lane:
+                    embedder = _LaneEmbedder(self._pool, declared.embedder, lane.engine)  # type: ignore[arg-type]
+                    progress = self._progress
+                    opened = await open_index(
+                        name, patterns=list(declared.document_globs), base_dir=self.spec.base_dir,
+                        embedder=embedder, chunk_tokens=declared.chunk_tokens,
+                        chunk_overlap=declared.chunk_overlap, root=self._index_root / self._index_folder(name),
+                        rebuild=rebuild,
+                        progress=(lambda done, total: progress(name, done, total)) if progress else None)
                 self._indexes[name] = opened
                 log.info("index ready", index=name, status=opened.status, chunks=opened.chunks,
                          documents=opened.documents, device=opened.device)
@@ -134,6 +274,24 @@ class Runtime:
         declared = self.spec.pipeline(pipeline)
         return await execute(pipeline, declared, {**(inputs or {}), **kwargs}, self)
 
-    def ps(self) -> list[dict[str, Any]]:
-        """The loaded lanes."""
-        return self._pool.ps()
+
+def _as_messages(messages: Sequence[Message] | str) -> list[Message]:
+    return [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+
+
+def _keep_alive(value: str | float | None) -> Any:
+    """A per-call keep_alive in seconds (None when pinned by -1); not given (None) leaves the lane's own."""
+    if value is None:
+        return UNSET
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise MultilaneError(f"keep_alive: {exc}") from exc
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())

@@ -161,9 +161,13 @@ class ModelSpec(_Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_context(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("kind") == "generate" and "context" not in data:
-            return {**data, "context": 2048}
+    def _kind_defaults(cls, data: Any) -> Any:
+        # A generate lane decodes 8 sequences over 2048 tokens; an embedding lane admits 64 calls at once,
+        # which its micro-batcher turns into a few encodes.
+        if isinstance(data, dict) and data.get("kind") == "generate":
+            return {"context": 2048, "parallel": 8, **data}
+        if isinstance(data, dict) and data.get("kind") == "embedding":
+            return {"parallel": 64, **data}
         return data
 
     @property

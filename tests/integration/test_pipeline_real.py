@@ -44,7 +44,7 @@ async def test_independent_stages_overlap_and_the_join_waits_for_both(real_runti
 
 
 async def test_cancelled_run_aborts_its_engine_request(real_runtime: Runtime) -> None:
-    lane = await real_runtime.lane("assistant")
+    lane = await real_runtime.load("assistant")
     seen_running = False
 
     with anyio.move_on_after(10) as scope:
@@ -63,7 +63,8 @@ async def test_cancelled_run_aborts_its_engine_request(real_runtime: Runtime) ->
     with anyio.fail_after(5):
         while lane.engine.unfinished_requests():  # type: ignore[union-attr]  # noqa: ASYNC110 - polling vLLM's count
             await anyio.sleep(0.05)
-    assert lane.in_flight == 0
+    assert lane.busy == 0  # the slot was freed
+    assert all(row["busy"] == 0 for row in real_runtime.ps())
     # The lane still serves after the abort.
     result = await real_runtime.run("pair", topic="seals")
     assert result.stages["both"]["completion_tokens"] > 0

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import multilane.runtime
 from multilane.cli import app
+from multilane.lanes import LanePlan
 from multilane.spec import Spec
 from multilane.testing import FakeEmbeddingEngine, FakeGenerateEngine
 
@@ -56,13 +57,18 @@ def fake_models(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Make the CLI's runtimes load fake engines; returns how many engines were made per model."""
     loads: dict[str, int] = {}
 
-    async def load_fake(name: str, spec: Spec) -> Any:
-        loads[name] = loads.get(name, 0) + 1
-        if spec.model(name).kind == "embedding":
-            return FakeEmbeddingEngine()
-        return FakeGenerateEngine("Lava is surface magma.")
+    async def plan_fake(name: str, spec: Spec) -> LanePlan:
+        model = spec.model(name)
 
-    monkeypatch.setattr(multilane.runtime, "load_engine", load_fake)
+        async def load() -> Any:
+            loads[name] = loads.get(name, 0) + 1
+            if model.kind == "embedding":
+                return FakeEmbeddingEngine()
+            return FakeGenerateEngine("Lava is surface magma.")
+
+        return LanePlan((name,), model.kind, model.source, load, parallel=model.parallel, context=model.context)
+
+    monkeypatch.setattr(multilane.runtime, "plan_model", plan_fake)
     return loads
 
 

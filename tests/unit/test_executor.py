@@ -264,10 +264,10 @@ async def test_every_log_event_of_a_run_carries_its_run_id(fake_runtime, docs: P
         rt, _ = fake_runtime(ASK)
         async with rt:
             result = await rt.run("ask", question="what is lava?")
+            events = list(capture.entries)  # closing the runtime afterwards logs outside any run
     finally:
         structlog.reset_defaults()
 
-    events = capture.entries
     assert {"lane loaded", "index ready", "run started", "stage finished", "run finished"} <= {
         e["event"] for e in events}
     assert {e.get("run_id") for e in events} == {result.run_id}

@@ -14,6 +14,7 @@ import anyio
 import numpy as np
 
 from multilane.engines.base import Chunk, Message, SamplingOptions
+from multilane.errors import EngineDeadError
 
 Reply = str | Callable[[str, SamplingOptions], str]
 _WORD = re.compile(r"\S+")
@@ -69,6 +70,7 @@ class FakeGenerateEngine:
         self.closed = False
         self._running = 0
         self._texts: dict[tuple[int, ...], str] = {}
+        self.dead = False
 
     def render(self, messages: Sequence[Message]) -> str:
         """Join the turns as `role: content` lines."""
@@ -84,6 +86,10 @@ class FakeGenerateEngine:
         """Requests streaming now."""
         return self._running
 
+    def kill(self) -> None:
+        """Make the engine die as a killed vLLM process would: every call, running or new, fails."""
+        self.dead = True
+
     def _answer(self, prompt: str, options: SamplingOptions) -> str:
         if callable(self.reply):
             return self.reply(prompt, options)
@@ -94,6 +100,8 @@ class FakeGenerateEngine:
     async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions,
                      request_id: str) -> AsyncIterator[Chunk]:
         """Yield the reply word by word, sleeping `token_delay` before each."""
+        if self.dead:
+            raise EngineDeadError("the fake engine is dead")
         prompt = self._texts.get(tuple(prompt_ids), "")
         record = CallRecord(request_id, prompt, options, time.perf_counter(), aborted=True)
         self.calls.append(record)
@@ -102,6 +110,8 @@ class FakeGenerateEngine:
         try:
             for i, word in enumerate(words):
                 await anyio.sleep(self.token_delay)
+                if self.dead:
+                    raise EngineDeadError("the fake engine died mid-stream")
                 last = i == len(words) - 1
                 if last:
                     record.aborted = False

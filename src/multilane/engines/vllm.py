@@ -12,7 +12,7 @@ import anyio
 import structlog
 
 from multilane.engines.base import Chunk, Message, SamplingOptions
-from multilane.errors import EngineError
+from multilane.errors import EngineDeadError, EngineError
 
 log = structlog.get_logger(__name__)
 
@@ -110,9 +110,11 @@ class VLLMEngine:
                 yield Chunk(piece.text, len(piece.token_ids),
                             finish_reason=piece.finish_reason if finished else None)
         except Exception as exc:
+            if getattr(self._llm, "errored", False):
+                raise _engine_error(_Dead()) from exc
             raise _engine_error(exc) from exc
         finally:
-            if not finished and not self._closed:
+            if not finished and not self._closed and not getattr(self._llm, "errored", True):
                 # vLLM aborts on cancel, but not when the consumer merely stops iterating; be sure.
                 with anyio.CancelScope(shield=True):
                     await self._llm.abort(request_id)
@@ -134,11 +136,15 @@ class VLLMEngine:
         gc.collect()  # run AsyncLLM.__del__ now, not at interpreter exit when its globals are gone
 
 
+class _Dead(Exception):
+    """Stands for vLLM's EngineDeadError when the engine reports itself errored."""
+
+
 def _engine_error(exc: Exception) -> Exception:
     """Turn vLLM's exceptions into Multilane errors that say what happened."""
-    name = type(exc).__name__
-    if name == "EngineDeadError":
-        return EngineError("the vLLM engine died; the lane will be reloaded on the next call")
+    if type(exc).__name__ in ("EngineDeadError", "_Dead"):
+        return EngineDeadError("the vLLM engine died (its process exited); the lane is dropped and reloads "
+                               "on the next call")
     if isinstance(exc, ValueError):
         return EngineError(f"vLLM rejected the request: {exc}")
     cause = exc.__cause__ or exc

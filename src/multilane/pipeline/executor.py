@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
 import jsonschema
+import numpy as np
 import structlog
 
-from multilane.engines.base import Message, SamplingOptions
+from multilane.engines.base import Completion, Message, SamplingOptions
 from multilane.errors import EngineError, MultilaneError, OutputValidationError, StageError
-from multilane.lanes import Lane
 from multilane.pipeline.templates import render
 from multilane.retrieval import OpenedIndex
 from multilane.spec import (
@@ -31,9 +31,12 @@ log = structlog.get_logger(__name__)
 
 
 class Resources(Protocol):
-    """What stages need from the runtime: lanes by model name and indexes by index name."""
+    """What stages need from the runtime: models by name and indexes by name."""
 
-    async def lane(self, name: str) -> Lane: ...
+    async def generate(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
+                       *, truncate: bool = False) -> Completion: ...
+
+    async def embed(self, model: str, texts: Sequence[str]) -> np.ndarray: ...
 
     async def index(self, name: str) -> OpenedIndex: ...
 
@@ -86,8 +89,7 @@ def _options(stage: _GenerateStage, schema: dict[str, Any] | None = None) -> Sam
 async def _run_embed(stage: EmbedStage, res: Resources, inputs: Mapping[str, Any],
                      stages: Mapping[str, Any]) -> dict[str, Any]:
     text = render(stage.text, inputs=inputs, stages=stages)
-    lane = await res.lane(stage.model)
-    vector = (await lane.embed([text]))[0]
+    vector = (await res.embed(stage.model, [text]))[0]
     return {"vector": [float(x) for x in vector], "dimension": int(vector.shape[0]), "text": text}
 
 
@@ -105,8 +107,7 @@ async def _run_retrieve(stage: RetrieveStage, res: Resources, inputs: Mapping[st
 async def _run_reason(stage: ReasonStage, res: Resources, inputs: Mapping[str, Any],
                       stages: Mapping[str, Any]) -> dict[str, Any]:
     messages = _messages(stage, inputs, stages)
-    lane = await res.lane(stage.model)
-    done = await lane.generate(messages, _options(stage), truncate=stage.truncate)
+    done = await res.generate(stage.model, messages, _options(stage), truncate=stage.truncate)
     return {"text": done.text.strip(), "prompt_tokens": done.prompt_tokens,
             "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
 
@@ -114,8 +115,7 @@ async def _run_reason(stage: ReasonStage, res: Resources, inputs: Mapping[str, A
 async def _run_tool_call(stage: ToolCallStage, res: Resources, inputs: Mapping[str, Any],
                          stages: Mapping[str, Any]) -> dict[str, Any]:
     messages = _messages(stage, inputs, stages)
-    lane = await res.lane(stage.model)
-    done = await lane.generate(messages, _options(stage, stage.json_schema), truncate=stage.truncate)
+    done = await res.generate(stage.model, messages, _options(stage, stage.json_schema), truncate=stage.truncate)
     value = parse_json_output(done.text, stage.json_schema, finish_reason=done.finish_reason)
     return {"json": value, "text": done.text, "prompt_tokens": done.prompt_tokens,
             "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}

@@ -1,0 +1,649 @@
+"""The pool and its lanes: loading on demand, the budget and the cap, keep-alive, slots and the FIFO queue."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import cast
+
+import anyio
+import pytest
+
+from multilane.engines.base import Chunk, Completion, Message, SamplingOptions
+from multilane.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    MemoryBudgetError,
+    QueueFullError,
+    UnknownNameError,
+)
+from multilane.lanes import Engine, LanePlan, Pool
+from multilane.testing import FakeGenerateEngine
+
+pytestmark = pytest.mark.anyio
+
+HI: list[Message] = [{"role": "user", "content": "hi"}]
+SHORT = SamplingOptions(max_tokens=4)
+
+
+class FakeClock:
+    """A monotonic clock that only moves when the test advances it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Planner:
+    """Plans lanes over fake generate engines; records every engine it loads and how many loads overlapped."""
+
+    def __init__(self, costs: dict[str, int], *, keys: dict[str, str] | None = None, parallel: int = 2,
+                 context: int = 2048, kv_bytes_per_token: int = 0, load_delay: float = 0.0,
+                 make_engine: Callable[[], FakeGenerateEngine] = FakeGenerateEngine) -> None:
+        self.costs = costs
+        self.keys = keys or {}
+        self.parallel = parallel
+        self.context = context
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.load_delay = load_delay
+        self.make_engine = make_engine
+        self.engines: dict[str, list[FakeGenerateEngine]] = {}
+        self.loading = 0
+        self.max_loading = 0
+
+    def loads(self, name: str) -> int:
+        return len(self.engines.get(name, []))
+
+    def engine(self, name: str) -> FakeGenerateEngine:
+        """The engine of a model's latest load."""
+        return self.engines[name][-1]
+
+    async def __call__(self, name: str) -> LanePlan:
+        async def load() -> Engine:
+            self.loading += 1
+            self.max_loading = max(self.max_loading, self.loading)
+            try:
+                await anyio.sleep(self.load_delay)
+                engine = self.make_engine()
+                self.engines.setdefault(name, []).append(engine)
+                return engine
+            finally:
+                self.loading -= 1
+
+        return LanePlan(key=("k", self.keys.get(name, name)), kind="generate", source=f"fake:{name}", load=load,
+                        weights_bytes=self.costs[name], kv_bytes_per_token=self.kv_bytes_per_token,
+                        parallel=self.parallel, context=self.context)
+
+
+def make_pool(planner: Planner, keep_alive: dict[str, float | None], *, clock: Callable[[], float] = time.monotonic,
+              budget: int | None = None, max_loaded: int = 8, max_queue: int = 8) -> Pool:
+    return Pool(planner, models={name: ("generate", seconds) for name, seconds in keep_alive.items()},
+                budget_bytes=budget, max_loaded=max_loaded, max_queue=max_queue, clock=clock)
+
+
+def loaded_names(pool: Pool) -> list[str]:
+    return sorted(row["name"] for row in pool.ps())
+
+
+def row(pool: Pool, name: str) -> dict[str, object]:
+    (found,) = [r for r in pool.ps() if name in r["models"]]
+    return found
+
+
+@asynccontextmanager
+async def running(pool: Pool, name: str) -> AsyncIterator[AsyncGenerator[Chunk, None]]:
+    """A streaming call that has taken its slot and waits mid-stream; it finishes when the block ends."""
+    stream = cast(AsyncGenerator[Chunk, None], pool.stream(name, HI, SHORT))
+    async with aclosing(stream):
+        await stream.__anext__()
+        yield stream
+        async for _ in stream:
+            pass
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let other tasks run until the condition holds."""
+    with anyio.fail_after(5):
+        while not condition():  # noqa: ASYNC110 - the conditions are pool and engine state, not events
+            await anyio.sleep(0.001)
+
+
+# ---- loading on demand
+
+
+async def test_nothing_loads_until_first_call_and_second_call_reuses_the_lane() -> None:
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 300.0})
+    assert pool.ps() == []
+    assert pool.loaded("a") is None
+    assert planner.loads("a") == 0
+
+    first = await pool.generate("a", HI, SHORT)
+    second = await pool.generate("a", HI, SHORT)
+
+    assert first.text == second.text == "fake reply"
+    assert planner.loads("a") == 1
+    assert pool.metrics["a"].loads == 1
+    assert pool.metrics["a"].requests == 2
+    assert loaded_names(pool) == ["a"]
+
+
+async def test_an_undeclared_model_is_an_unknown_name() -> None:
+    pool = make_pool(Planner({"a": 100}), {"a": 300.0})
+    with pytest.raises(UnknownNameError, match=r"unknown model 'nope'.*declared: a"):
+        await pool.generate("nope", HI, SHORT)
+
+
+async def test_two_declared_models_with_the_same_plan_key_share_one_lane() -> None:
+    planner = Planner({"a": 100, "b": 100}, keys={"a": "same", "b": "same"})
+    pool = make_pool(planner, {"a": 300.0, "b": 300.0})
+
+    await pool.generate("a", HI, SHORT)
+    await pool.generate("b", HI, SHORT)
+
+    assert planner.loads("a") + planner.loads("b") == 1
+    assert [r["models"] for r in pool.ps()] == [["a", "b"]]
+    assert pool.usage()["used_bytes"] == 100
+    assert pool.usage()["loaded"] == 1
+
+
+async def test_loads_never_overlap_even_when_requested_concurrently() -> None:
+    planner = Planner({"a": 100, "b": 100, "c": 100}, load_delay=0.02)
+    pool = make_pool(planner, {"a": 300.0, "b": 300.0, "c": 300.0})
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for name in ("a", "b", "c"):
+                tg.start_soon(pool.lane, name)
+
+    assert planner.max_loading == 1
+    assert loaded_names(pool) == ["a", "b", "c"]
+
+
+async def test_concurrent_first_calls_to_one_model_load_it_once() -> None:
+    planner = Planner({"a": 100}, load_delay=0.02)
+    pool = make_pool(planner, {"a": 300.0})
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(pool.generate, "a", HI, SHORT)
+
+    assert planner.loads("a") == 1
+
+
+# ---- the cap and the budget
+
+
+async def test_cap_evicts_the_idle_lane_and_a_later_call_reloads_it() -> None:
+    planner = Planner({"a": 100, "b": 100})
+    pool = make_pool(planner, {"a": 300.0, "b": 300.0}, max_loaded=1)
+
+    await pool.generate("a", HI, SHORT)
+    first_a = planner.engine("a")
+    await pool.generate("b", HI, SHORT)
+
+    assert first_a.closed
+    assert pool.metrics["a"].evictions == 1
+    assert loaded_names(pool) == ["b"]
+
+    await pool.generate("a", HI, SHORT)
+    assert planner.loads("a") == 2
+    assert pool.metrics["a"].loads == 2
+    assert planner.engine("b").closed
+    assert loaded_names(pool) == ["a"]
+
+
+async def test_budget_evicts_an_idle_lane_rather_than_a_busy_one() -> None:
+    # a would expire first, but it is busy: b, idle, goes instead
+    planner = Planner({"a": 100, "b": 100, "c": 100})
+    pool = make_pool(planner, {"a": 10.0, "b": 100.0, "c": 300.0}, clock=FakeClock(), budget=250)
+
+    await pool.generate("b", HI, SHORT)
+    async with running(pool, "a") as stream:
+        await pool.generate("c", HI, SHORT)
+
+        assert loaded_names(pool) == ["a", "c"]
+        assert planner.engine("b").closed
+        assert not planner.engine("a").closed
+        assert pool.metrics["b"].evictions == 1
+        assert pool.metrics["a"].evictions == 0
+        rest = [chunk.text async for chunk in stream]
+    assert rest == ["reply"]  # the busy call ran to its end
+
+
+async def test_budget_evicts_the_idle_lane_that_expires_soonest() -> None:
+    planner = Planner({"a": 100, "b": 100, "c": 100})
+    pool = make_pool(planner, {"a": 100.0, "b": 10.0, "c": 300.0}, clock=FakeClock(), budget=250)
+
+    await pool.generate("a", HI, SHORT)
+    await pool.generate("b", HI, SHORT)  # used last, but its keep-alive runs out first
+    await pool.generate("c", HI, SHORT)
+
+    assert loaded_names(pool) == ["a", "c"]
+    assert pool.metrics["b"].evictions == 1
+    assert pool.metrics["a"].evictions == 0
+    assert pool.usage()["used_bytes"] == 200
+
+
+async def test_budget_refusal_shows_the_arithmetic_and_who_holds_the_memory() -> None:
+    planner = Planner({"a": 100, "b": 100, "c": 100})
+    pool = make_pool(planner, {"a": 300.0, "b": None, "c": 300.0}, budget=250)
+
+    await pool.generate("b", HI, SHORT)
+    async with running(pool, "a"):
+        with pytest.raises(MemoryBudgetError) as caught:
+            await pool.generate("c", HI, SHORT)
+
+    message = str(caught.value)
+    assert "cannot load model 'c'" in message
+    assert "needs 100 B (weights 100 B)" in message
+    assert "budget is 250 B with 200 B in use" in message
+    assert "a (busy, 100 B)" in message
+    assert "b (pinned, 100 B)" in message
+    assert "300 B would exceed it" in message
+    assert "runtime.memory_budget" in message
+    assert planner.loads("c") == 0
+    assert loaded_names(pool) == ["a", "b"]  # nothing was evicted for a load that could not happen
+
+
+async def test_a_model_bigger_than_the_whole_budget_is_refused_before_loading() -> None:
+    planner = Planner({"a": 1000})
+    pool = make_pool(planner, {"a": 300.0}, budget=250)
+
+    with pytest.raises(MemoryBudgetError) as caught:
+        await pool.generate("a", HI, SHORT)
+
+    message = str(caught.value)
+    assert "needs 1000 B" in message
+    assert "whole memory budget of 250 B" in message
+    assert "runtime.memory_budget" in message
+    assert planner.loads("a") == 0
+    assert pool.ps() == []
+
+
+async def test_cap_refusal_names_max_loaded_models_and_the_busy_lane() -> None:
+    planner = Planner({"a": 100, "b": 100})
+    pool = make_pool(planner, {"a": 300.0, "b": 300.0}, max_loaded=1)
+
+    async with running(pool, "a"):
+        with pytest.raises(MemoryBudgetError) as caught:
+            await pool.generate("b", HI, SHORT)
+    message = str(caught.value)
+    assert "runtime.max_loaded_models is 1" in message
+    assert "a (busy, 100 B)" in message
+
+    await pool.generate("b", HI, SHORT)  # once a is idle it makes room
+    assert loaded_names(pool) == ["b"]
+
+
+async def test_usage_sums_the_loaded_plans_costs_and_kv_follows_parallel_times_context() -> None:
+    planner = Planner({"a": 1000, "b": 500}, parallel=2, context=2048, kv_bytes_per_token=2)
+    pool = make_pool(planner, {"a": 300.0, "b": 300.0}, budget=100_000, max_loaded=3)
+
+    await pool.generate("a", HI, SHORT)
+    await pool.generate("b", HI, SHORT)
+
+    plan = await planner("a")
+    assert plan.kv_bytes == 2 * 2048 * 2
+    assert plan.cost == 1000 + 8192
+    assert plan.arithmetic() == "weights 1000 B + KV 2 x 2048 x 2 B = 8.00 KiB"
+    assert pool.usage() == {"budget_bytes": 100_000, "used_bytes": (1000 + 8192) + (500 + 8192), "loaded": 2,
+                            "max_loaded_models": 3}
+    assert row(pool, "a")["kv_bytes"] == 8192
+    assert row(pool, "a")["weights_bytes"] == 1000
+
+
+# ---- keep-alive
+
+
+async def test_a_pinned_lane_never_expires_and_is_never_evicted() -> None:
+    clock = FakeClock()
+    planner = Planner({"p": 100, "b": 100})
+    pool = make_pool(planner, {"p": None, "b": 300.0}, clock=clock, max_loaded=1)
+
+    await pool.generate("p", HI, SHORT)
+    clock.advance(10**9)
+    await pool.reap()
+
+    assert loaded_names(pool) == ["p"]
+    assert row(pool, "p")["expires_at"] == "forever"
+    with pytest.raises(MemoryBudgetError, match=r"p \(pinned"):
+        await pool.generate("b", HI, SHORT)
+    assert not planner.engine("p").closed
+
+
+async def test_keep_alive_zero_unloads_as_soon_as_the_call_returns() -> None:
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 0.0}, clock=FakeClock())
+
+    await pool.generate("a", HI, SHORT)
+    await pool.reap()
+
+    assert pool.ps() == []
+    assert planner.engine("a").closed
+
+
+async def test_an_idle_lane_unloads_once_its_keep_alive_runs_out() -> None:
+    clock = FakeClock()
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 300.0}, clock=clock)
+
+    await pool.generate("a", HI, SHORT)
+    clock.advance(299)
+    await pool.reap()
+    assert loaded_names(pool) == ["a"]
+
+    clock.advance(2)
+    await pool.reap()
+    assert pool.ps() == []
+    assert planner.engine("a").closed
+    assert pool.metrics["a"].evictions == 0  # expiry is not an eviction
+
+
+async def test_the_keep_alive_clock_starts_when_the_lane_goes_idle() -> None:
+    clock = FakeClock()
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 300.0}, clock=clock)
+
+    async with running(pool, "a"):
+        clock.advance(1000)
+        await pool.reap()
+        assert loaded_names(pool) == ["a"]
+        assert row(pool, "a")["expires_at"] is None  # busy: no expiry yet
+
+    clock.advance(299)
+    await pool.reap()
+    assert loaded_names(pool) == ["a"]
+    clock.advance(2)
+    await pool.reap()
+    assert pool.ps() == []
+
+
+async def test_a_call_with_keep_alive_zero_unloads_the_lane_when_idle() -> None:
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 300.0}, clock=FakeClock())
+
+    await pool.generate("a", HI, SHORT, keep_alive=0.0)
+    await pool.reap()
+
+    assert pool.ps() == []
+
+
+async def test_a_call_with_keep_alive_none_pins_the_lane() -> None:
+    clock = FakeClock()
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 300.0}, clock=clock)
+
+    await pool.generate("a", HI, SHORT, keep_alive=None)
+    clock.advance(10**9)
+    await pool.reap()
+
+    assert loaded_names(pool) == ["a"]
+    assert row(pool, "a")["expires_at"] == "forever"
+
+
+async def test_a_lane_shared_with_a_pinned_model_never_expires() -> None:
+    clock = FakeClock()
+    planner = Planner({"a": 100, "p": 100}, keys={"a": "same", "p": "same"})
+    pool = make_pool(planner, {"a": 300.0, "p": None}, clock=clock)
+
+    await pool.generate("a", HI, SHORT)
+    await pool.lane("p")  # as the runtime preloads a pinned model
+    clock.advance(10**6)
+    await pool.reap()
+
+    assert [r["models"] for r in pool.ps()] == [["a", "p"]]
+    assert row(pool, "p")["expires_at"] == "forever"
+
+
+async def test_unload_frees_an_idle_lane_now_and_a_busy_one_once_it_is_idle() -> None:
+    planner = Planner({"a": 100, "b": 100})
+    pool = make_pool(planner, {"a": 300.0, "b": 300.0}, clock=FakeClock())
+    await pool.generate("a", HI, SHORT)
+
+    assert await pool.unload("a") is True
+    assert planner.engine("a").closed
+    assert await pool.unload("a") is False
+
+    async with running(pool, "b"):
+        assert await pool.unload("b") is True
+        assert loaded_names(pool) == ["b"]
+    await pool.reap()
+    assert pool.ps() == []
+
+
+async def test_the_reaper_unloads_expired_lanes_on_its_own() -> None:
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 0.05})
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.reap_forever)
+            await pool.generate("a", HI, SHORT)
+            assert loaded_names(pool) == ["a"]
+            await until(lambda: pool.loaded("a") is None)
+            tg.cancel_scope.cancel()
+
+    assert planner.engine("a").closed
+
+
+# ---- slots and the queue
+
+
+async def test_queued_calls_run_in_the_order_they_arrived() -> None:
+    planner = Planner({"a": 100}, parallel=1)
+    pool = make_pool(planner, {"a": 300.0})
+    finished: list[int] = []
+
+    async def call(i: int) -> None:
+        await pool.generate("a", [{"role": "user", "content": f"call {i}"}], SHORT)
+        finished.append(i)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            async with running(pool, "a"):
+                for i in range(5):
+                    tg.start_soon(call, i)
+                    await anyio.wait_all_tasks_blocked()
+                assert row(pool, "a")["queued"] == 5
+
+    assert finished == [0, 1, 2, 3, 4]
+    prompts = [record.prompt for record in planner.engine("a").calls[1:]]
+    assert prompts == [f"<user>call {i}\n<assistant>" for i in range(5)]
+
+
+async def test_a_full_queue_refuses_at_once_while_admitted_calls_complete() -> None:
+    planner = Planner({"a": 100}, parallel=1)
+    pool = make_pool(planner, {"a": 300.0}, max_queue=2)
+    results: list[Completion] = []
+
+    async def call() -> None:
+        results.append(await pool.generate("a", HI, SHORT))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            async with running(pool, "a") as stream:
+                for _ in range(2):
+                    tg.start_soon(call)
+                    await anyio.wait_all_tasks_blocked()
+                assert row(pool, "a")["queued"] == 2
+
+                started = time.perf_counter()
+                with pytest.raises(QueueFullError) as caught:
+                    await pool.generate("a", HI, SHORT)
+                assert time.perf_counter() - started < 1.0
+                assert row(pool, "a")["busy"] == 1  # the running call had not finished when it was refused
+                rest = [chunk.text async for chunk in stream]
+
+    message = str(caught.value)
+    assert "lane 'a'" in message
+    assert "runtime.max_queue" in message
+    assert rest == ["reply"]
+    assert [r.text for r in results] == ["fake reply", "fake reply"]
+    assert pool.metrics["a"].rejected == 1
+    assert row(pool, "a")["busy"] == 0
+
+
+async def test_a_cancelled_queued_call_leaves_the_queue_and_the_next_one_still_runs() -> None:
+    planner = Planner({"a": 100}, parallel=1)
+    pool = make_pool(planner, {"a": 300.0})
+    cancelled = anyio.CancelScope()
+    results: list[str] = []
+
+    async def doomed() -> None:
+        with cancelled:
+            await pool.generate("a", [{"role": "user", "content": "doomed"}], SHORT)
+            results.append("doomed")
+
+    async def behind() -> None:
+        results.append((await pool.generate("a", HI, SHORT)).text)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            async with running(pool, "a"):
+                tg.start_soon(doomed)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(behind)
+                await anyio.wait_all_tasks_blocked()
+                assert row(pool, "a")["queued"] == 2
+
+                cancelled.cancel()
+                await anyio.wait_all_tasks_blocked()
+                assert row(pool, "a")["queued"] == 1
+
+    assert results == ["fake reply"]
+    assert "doomed" not in [record.prompt for record in planner.engine("a").calls]
+    assert row(pool, "a")["busy"] == 0
+    assert row(pool, "a")["queued"] == 0
+
+
+async def test_cancelling_a_running_call_aborts_the_engine_request_and_frees_the_slot() -> None:
+    planner = Planner({"a": 100}, parallel=1,
+                      make_engine=lambda: FakeGenerateEngine("many words " * 50, token_delay=0.01))
+    pool = make_pool(planner, {"a": 300.0})
+    scope = anyio.CancelScope()
+
+    async def call() -> None:
+        with scope:
+            await pool.generate("a", HI, SamplingOptions(max_tokens=100))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await until(lambda: planner.loads("a") == 1 and planner.engine("a").unfinished_requests() == 1)
+            scope.cancel()
+
+        engine = planner.engine("a")
+        assert engine.calls[0].aborted
+        assert engine.calls[0].finished is not None
+        assert engine.unfinished_requests() == 0
+        assert row(pool, "a")["busy"] == 0
+
+        engine.token_delay = 0.0
+        done = await pool.generate("a", HI, SHORT)  # the slot is free again
+    assert done.text == "many words many words "
+
+
+async def test_leaving_a_stream_early_aborts_the_engine_request_before_the_slot_is_reused() -> None:
+    planner = Planner({"a": 100}, parallel=1, make_engine=lambda: FakeGenerateEngine("many words " * 50))
+    pool = make_pool(planner, {"a": 300.0})
+
+    stream = cast(AsyncGenerator[Chunk, None], pool.stream("a", HI, SamplingOptions(max_tokens=100)))
+    async with aclosing(stream):
+        async for _ in stream:
+            break
+
+    engine = planner.engine("a")
+    assert engine.unfinished_requests() == 0
+    assert engine.calls[0].aborted
+    assert row(pool, "a")["busy"] == 0
+
+
+# ---- engine death
+
+
+async def test_a_dead_engine_fails_its_call_drops_the_lane_and_the_next_call_reloads() -> None:
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 300.0})
+
+    async with running(pool, "a") as stream:
+        dead = planner.engine("a")
+        dead.kill()
+        with pytest.raises(EngineDeadError):
+            await stream.__anext__()
+        assert pool.ps() == []
+        assert dead.closed
+
+    done = await pool.generate("a", HI, SHORT)
+    assert done.text == "fake reply"
+    assert planner.loads("a") == 2
+    assert planner.engine("a") is not dead
+    assert pool.metrics["a"].failures == 1
+    assert loaded_names(pool) == ["a"]
+
+
+async def test_a_call_queued_behind_a_dead_engine_completes_on_the_reloaded_lane() -> None:
+    planner = Planner({"a": 100}, parallel=1)
+    pool = make_pool(planner, {"a": 300.0})
+    results: list[str] = []
+
+    async def queued() -> None:
+        results.append((await pool.generate("a", [{"role": "user", "content": "queued"}], SHORT)).text)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            async with running(pool, "a") as stream:
+                tg.start_soon(queued)
+                await anyio.wait_all_tasks_blocked()
+                assert row(pool, "a")["queued"] == 1
+                planner.engine("a").kill()
+                with pytest.raises(EngineDeadError):
+                    await stream.__anext__()
+
+    assert results == ["fake reply"]
+    assert planner.loads("a") == 2
+    assert [record.prompt for record in planner.engine("a").calls] == ["<user>queued\n<assistant>"]
+    assert row(pool, "a")["busy"] == 0
+
+
+# ---- context
+
+
+def _long_prompt(words: int) -> list[Message]:
+    return [{"role": "user", "content": " ".join(f"w{i}" for i in range(words))}]
+
+
+async def test_a_prompt_too_long_for_the_context_is_refused_before_queueing() -> None:
+    planner = Planner({"a": 100}, parallel=1, make_engine=lambda: FakeGenerateEngine(context=20))
+    pool = make_pool(planner, {"a": 300.0})
+    prompt = _long_prompt(30)
+
+    with anyio.fail_after(5):
+        async with running(pool, "a"):  # every slot is busy: a queued call would wait
+            engine = planner.engine("a")
+            tokens = len(engine.encode(engine.render(prompt)))
+            with pytest.raises(ContextLengthError) as caught:
+                await pool.generate("a", prompt, SHORT)
+            assert row(pool, "a")["queued"] == 0
+
+    message = str(caught.value)
+    assert f"prompt of {tokens} tokens + max_tokens 4 = {tokens + 4} tokens" in message
+    assert "context of 20 tokens" in message
+    assert "truncate" in message
+
+
+async def test_truncate_cuts_a_long_prompt_to_fit_the_context() -> None:
+    planner = Planner({"a": 100}, make_engine=lambda: FakeGenerateEngine(context=20))
+    pool = make_pool(planner, {"a": 300.0})
+
+    done = await pool.generate("a", _long_prompt(30), SHORT, truncate=True)
+
+    assert done.text == "fake reply"
+    assert done.prompt_tokens == 16  # the context of 20 minus max_tokens 4
