@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -128,6 +129,65 @@ def index_build(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).
                    f"{opened.device}, at {opened.path}")
 
     _run_async(go)
+
+
+@app.command()
+def ps(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
+       load: Annotated[list[str] | None, typer.Option("--load", help="Load this model first (repeatable).")] = None,
+       as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+       verbose: Verbose = False) -> None:
+    """Show the lanes of a pipeline file: what each model costs, and what is loaded after --load."""
+    configure_logging("info" if verbose else "warning")
+    from multilane.runtime import Runtime
+
+    async def go() -> None:
+        async with Runtime.from_file(file) as rt:
+            for name in load or []:
+                await rt.load(name)
+            rows = rt.ps()
+            plans = {name: await rt.plan(name) for name in rt.spec.models}
+            usage = rt.pool.usage()
+        if as_json:
+            typer.echo(json.dumps({"lanes": rows, "usage": usage}, indent=2, default=str))
+            return
+        typer.echo(format_ps(rows))
+        typer.echo("")
+        typer.echo(format_plans(rt.spec, plans, usage))
+
+    _run_async(go)
+
+
+def format_ps(rows: list[dict[str, Any]]) -> str:
+    """The loaded lanes as a table, like `ollama ps`."""
+    from multilane.lanes import format_bytes
+
+    header = ("NAME", "KIND", "DEVICE", "WEIGHTS", "KV", "SLOTS", "QUEUED", "CONTEXT", "LOADED", "UNTIL")
+    table = [header]
+    for row in rows:
+        expires = row["expires_at"]
+        until = ("forever" if expires == "forever" else "busy" if expires is None
+                 else time.strftime("%H:%M:%S", time.localtime(float(expires))))
+        table.append((",".join(row["models"]), row["kind"], row["device"], format_bytes(row["weights_bytes"]),
+                      format_bytes(row["kv_bytes"]) if row["kv_bytes"] else "-", f"{row['busy']}/{row['slots']}",
+                      str(row["queued"]), str(row["context"] or "-"),
+                      time.strftime("%H:%M:%S", time.localtime(row["loaded_at"])), until))
+    if len(table) == 1:
+        return "no lanes loaded"
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)
+
+
+def format_plans(spec: Any, plans: dict[str, Any], usage: dict[str, Any]) -> str:
+    """What each declared model costs when loaded, against the budget."""
+    from multilane.lanes import format_bytes
+
+    lines = [f"{name}: {plan.kind}, {format_bytes(plan.cost)} ({plan.arithmetic()}), keep_alive "
+             f"{spec.model(name).keep_alive}" for name, plan in plans.items()]
+    budget = usage["budget_bytes"]
+    lines.append(f"budget {format_bytes(budget) if budget else 'unlimited'}, in use "
+                 f"{format_bytes(usage['used_bytes'])}, {usage['loaded']} of {usage['max_loaded_models']} "
+                 "lanes loaded")
+    return "\n".join(lines)
 
 
 def _run_async(fn: Any) -> None:

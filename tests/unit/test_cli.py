@@ -186,3 +186,27 @@ def test_index_build_with_a_missing_model_source_says_not_found(cli: CliRunner, 
     assert "not found" in result.stderr
     assert str(tmp_path / "missing-model") in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_ps_shows_the_loaded_lane_and_every_models_cost(cli: CliRunner, tmp_path: Path,
+                                                         fake_models: dict[str, int]) -> None:
+    result = cli.invoke(app, ["ps", str(write(tmp_path, PIPELINE)), "--load", "assistant"])
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "KIND", "DEVICE"]
+    assert lines[1].split()[:2] == ["assistant", "generate"]
+    assert "0/8" in lines[1]  # slots busy/total: parallel defaults to 8
+    assert any(line.startswith("embedder: embedding") for line in lines)
+    assert "1 of 3 lanes loaded" in result.stdout
+    assert fake_models == {"assistant": 1}  # ps loads only what it was asked to
+
+
+def test_ps_json_lists_lanes_and_usage(cli: CliRunner, tmp_path: Path, fake_models: dict[str, int]) -> None:
+    result = cli.invoke(app, ["ps", str(write(tmp_path, PIPELINE)), "--load", "embedder", "--json"])
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [lane["name"] for lane in data["lanes"]] == ["embedder"]
+    assert data["lanes"][0]["slots"] == 64
+    assert data["usage"]["loaded"] == 1
