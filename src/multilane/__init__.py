@@ -23,7 +23,7 @@ from multilane.errors import (
     TemplateError,
     UnknownNameError,
 )
-from multilane.pipeline.executor import RunResult, StageEvent
+from multilane.pipeline.executor import RunEvent, RunResult, StageEvent
 from multilane.runtime import Runtime
 from multilane.spec import Spec, load_spec, parse_spec
 
@@ -40,6 +40,7 @@ __all__ = [
     "MultilaneError",
     "OutputValidationError",
     "QueueFullError",
+    "RunEvent",
     "RunResult",
     "Runtime",
     "SamplingOptions",

@@ -9,6 +9,7 @@ a load that cannot fit.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Sequence
@@ -239,7 +240,7 @@ class Lane:
         try:
             async for chunk in chunks:
                 metrics.completion_tokens += chunk.tokens
-                yield chunk
+                yield dataclasses.replace(chunk, prompt_tokens=len(ids))
         except EngineDeadError:
             metrics.failures += 1
             await self._pool.drop(self, reason="engine died")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,7 +21,7 @@ from multilane.durations import parse_duration
 from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateEngine, Message, SamplingOptions
 from multilane.errors import EngineError, MultilaneError
 from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
-from multilane.pipeline.executor import RunResult, execute
+from multilane.pipeline.executor import RunEvent, RunResult, execute
 from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home, resolve_source
 from multilane.spec import ModelSpec, Spec, load_spec
@@ -220,8 +221,9 @@ class Runtime:
         return await self._pool.generate(model, _as_messages(messages), options or SamplingOptions(),
                                          truncate=truncate, keep_alive=_keep_alive(keep_alive))
 
-    async def stream(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
-                     *, truncate: bool = False, keep_alive: str | float | None = None) -> AsyncIterator[Chunk]:
+    async def generate_stream(self, model: str, messages: Sequence[Message] | str,
+                              options: SamplingOptions | None = None, *, truncate: bool = False,
+                              keep_alive: str | float | None = None) -> AsyncGenerator[Chunk, None]:
         """Stream a completion chunk by chunk; leaving the loop early aborts the engine request."""
         self._check_open()
         chunks = self._pool.stream(model, _as_messages(messages), options or SamplingOptions(),
@@ -273,6 +275,46 @@ class Runtime:
         self._check_open()
         declared = self.spec.pipeline(pipeline)
         return await execute(pipeline, declared, {**(inputs or {}), **kwargs}, self)
+
+    @asynccontextmanager
+    async def stream(self, pipeline: str, inputs: Mapping[str, Any] | None = None, /,
+                     **kwargs: Any) -> AsyncGenerator[AsyncIterator[RunEvent], None]:
+        """Run a pipeline as `run` does, as a context that yields its events (stages, generated text).
+
+        `async with rt.stream("ask", question=q) as events: async for event in events: ...`. The last event
+        is `run_finished` (with the output); after `run_failed` the loop raises the error. Leaving the block
+        early cancels the run and aborts its engine requests.
+        """
+        self._check_open()
+        declared = self.spec.pipeline(pipeline)
+        bound = declared.check_inputs({**(inputs or {}), **kwargs}, pipeline=pipeline)
+        send, receive = anyio.create_memory_object_stream[RunEvent](max_buffer_size=math.inf)
+        failure: list[MultilaneError] = []
+
+        async def produce() -> None:
+            async with send:
+                try:
+                    await execute(pipeline, declared, bound, self, sink=send.send)
+                except MultilaneError as exc:
+                    failure.append(exc)
+
+        async def events() -> AsyncIterator[RunEvent]:
+            async for event in receive:
+                yield event
+            if failure:
+                raise failure[0]
+
+        raised: Exception | None = None
+        async with anyio.create_task_group() as tg, receive:
+            tg.start_soon(produce)
+            try:
+                yield events()
+            except Exception as exc:  # re-raised below as itself, not wrapped in the task group's ExceptionGroup
+                raised = exc
+            finally:
+                tg.cancel_scope.cancel()
+        if raised is not None:
+            raise raised
 
 
 def _as_messages(messages: Sequence[Message] | str) -> list[Message]:

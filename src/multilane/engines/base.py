@@ -29,6 +29,7 @@ class Chunk:
     text: str
     tokens: int
     finish_reason: str | None = None  # set on the last chunk
+    prompt_tokens: int = 0  # set by the lane on every chunk it passes on
 
 
 @dataclass(frozen=True)

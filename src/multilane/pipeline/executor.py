@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,7 +15,7 @@ import jsonschema
 import numpy as np
 import structlog
 
-from multilane.engines.base import Completion, Message, SamplingOptions
+from multilane.engines.base import Chunk, Completion, Message, SamplingOptions
 from multilane.errors import EngineError, MultilaneError, OutputValidationError, StageError
 from multilane.pipeline.templates import render
 from multilane.retrieval import OpenedIndex
@@ -35,6 +36,9 @@ class Resources(Protocol):
 
     async def generate(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
                        *, truncate: bool = False) -> Completion: ...
+
+    def generate_stream(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
+                        *, truncate: bool = False) -> AsyncGenerator[Chunk, None]: ...
 
     async def embed(self, model: str, texts: Sequence[str]) -> np.ndarray: ...
 
@@ -70,14 +74,53 @@ class RunResult:
                            for e in self.events]}
 
 
-StageRunner = Callable[[Any, Resources, Mapping[str, Any], Mapping[str, Any]], Awaitable[dict[str, Any]]]
+@dataclass(frozen=True)
+class RunEvent:
+    """Something that happened in a run, for streaming: run/stage started/finished/failed, or a token."""
+
+    type: str  # run_started | stage_started | token | stage_finished | stage_failed | run_finished | run_failed
+    run_id: str
+    stage: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the event."""
+        return {"type": self.type, "run_id": self.run_id, "stage": self.stage, **self.data}
 
 
-def _messages(stage: _GenerateStage, inputs: Mapping[str, Any], stages: Mapping[str, Any]) -> list[Message]:
+EventSink = Callable[[RunEvent], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage runner sees: its name, the run's inputs, earlier stages' results, and the runtime."""
+
+    pipeline: str
+    stage: str
+    run_id: str
+    inputs: Mapping[str, Any]
+    stages: Mapping[str, Any]
+    resources: Resources
+    sink: EventSink | None = None
+
+    def render(self, source: str) -> str:
+        """Render a template of this stage with `inputs` and `stages`."""
+        return render(source, inputs=self.inputs, stages=self.stages)
+
+    async def emit(self, type: str, **data: Any) -> None:
+        """Send an event to the run's listener, if it has one."""
+        if self.sink is not None:
+            await self.sink(RunEvent(type, self.run_id, self.stage, data))
+
+
+StageRunner = Callable[[Any, StageContext], Awaitable[dict[str, Any]]]
+
+
+def _messages(stage: _GenerateStage, ctx: StageContext) -> list[Message]:
     messages: list[Message] = []
     if stage.system is not None:
-        messages.append({"role": "system", "content": render(stage.system, inputs=inputs, stages=stages)})
-    messages.append({"role": "user", "content": render(stage.prompt, inputs=inputs, stages=stages)})
+        messages.append({"role": "system", "content": ctx.render(stage.system)})
+    messages.append({"role": "user", "content": ctx.render(stage.prompt)})
     return messages
 
 
@@ -86,36 +129,52 @@ def _options(stage: _GenerateStage, schema: dict[str, Any] | None = None) -> Sam
                            stop=tuple(stage.stop), json_schema=schema)
 
 
-async def _run_embed(stage: EmbedStage, res: Resources, inputs: Mapping[str, Any],
-                     stages: Mapping[str, Any]) -> dict[str, Any]:
-    text = render(stage.text, inputs=inputs, stages=stages)
-    vector = (await res.embed(stage.model, [text]))[0]
+async def _generate(stage: _GenerateStage, ctx: StageContext, options: SamplingOptions) -> Completion:
+    """Generate a stage's completion; with a listener, stream it and pass each piece on as a token event."""
+    messages = _messages(stage, ctx)
+    if ctx.sink is None:
+        return await ctx.resources.generate(stage.model, messages, options, truncate=stage.truncate)
+    parts: list[str] = []
+    tokens = 0
+    finish: str | None = None
+    prompt_tokens = 0
+    async with aclosing(ctx.resources.generate_stream(stage.model, messages, options,
+                                                      truncate=stage.truncate)) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            tokens += chunk.tokens
+            finish = chunk.finish_reason or finish
+            prompt_tokens = chunk.prompt_tokens or prompt_tokens
+            if chunk.text:
+                await ctx.emit("token", text=chunk.text)
+    return Completion("".join(parts), prompt_tokens, tokens, finish)
+
+
+async def _run_embed(stage: EmbedStage, ctx: StageContext) -> dict[str, Any]:
+    text = ctx.render(stage.text)
+    vector = (await ctx.resources.embed(stage.model, [text]))[0]
     return {"vector": [float(x) for x in vector], "dimension": int(vector.shape[0]), "text": text}
 
 
-async def _run_retrieve(stage: RetrieveStage, res: Resources, inputs: Mapping[str, Any],
-                        stages: Mapping[str, Any]) -> dict[str, Any]:
-    query = render(stage.query, inputs=inputs, stages=stages)
-    index = await res.index(stage.index)
+async def _run_retrieve(stage: RetrieveStage, ctx: StageContext) -> dict[str, Any]:
+    query = ctx.render(stage.query)
+    index = await ctx.resources.index(stage.index)
     hits = (await index.search([query], stage.top_k))[0]
-    passages: list[dict[str, Any]] = [{"rank": rank, "source": hit.chunk.source, "score": round(float(hit.score), 4),
-                 "text": hit.chunk.text} for rank, hit in enumerate(hits, start=1)]
+    passages: list[dict[str, Any]] = [
+        {"rank": rank, "source": hit.chunk.source, "score": round(float(hit.score), 4), "text": hit.chunk.text}
+        for rank, hit in enumerate(hits, start=1)]
     text = "\n\n".join(f"[{p['rank']}] ({p['source']})\n{p['text'].strip()}" for p in passages)
     return {"query": query, "passages": passages, "text": text}
 
 
-async def _run_reason(stage: ReasonStage, res: Resources, inputs: Mapping[str, Any],
-                      stages: Mapping[str, Any]) -> dict[str, Any]:
-    messages = _messages(stage, inputs, stages)
-    done = await res.generate(stage.model, messages, _options(stage), truncate=stage.truncate)
+async def _run_reason(stage: ReasonStage, ctx: StageContext) -> dict[str, Any]:
+    done = await _generate(stage, ctx, _options(stage))
     return {"text": done.text.strip(), "prompt_tokens": done.prompt_tokens,
             "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
 
 
-async def _run_tool_call(stage: ToolCallStage, res: Resources, inputs: Mapping[str, Any],
-                         stages: Mapping[str, Any]) -> dict[str, Any]:
-    messages = _messages(stage, inputs, stages)
-    done = await res.generate(stage.model, messages, _options(stage, stage.json_schema), truncate=stage.truncate)
+async def _run_tool_call(stage: ToolCallStage, ctx: StageContext) -> dict[str, Any]:
+    done = await _generate(stage, ctx, _options(stage, stage.json_schema))
     value = parse_json_output(done.text, stage.json_schema, finish_reason=done.finish_reason)
     return {"json": value, "text": done.text, "prompt_tokens": done.prompt_tokens,
             "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
@@ -140,16 +199,19 @@ def parse_json_output(text: str, schema: dict[str, Any], *, finish_reason: str |
 
 
 RUNNERS: dict[str, StageRunner] = {
-    "embed": _run_embed,  # type: ignore[dict-item]
-    "retrieve": _run_retrieve,  # type: ignore[dict-item]
-    "reason": _run_reason,  # type: ignore[dict-item]
-    "tool_call": _run_tool_call,  # type: ignore[dict-item]
+    "embed": _run_embed,
+    "retrieve": _run_retrieve,
+    "reason": _run_reason,
+    "tool_call": _run_tool_call,
 }
 
 
 async def execute(name: str, pipeline: PipelineSpec, inputs: Mapping[str, Any], resources: Resources, *,
-                  run_id: str | None = None) -> RunResult:
-    """Run a pipeline: each stage starts once the stages it depends on finished; a failure cancels the rest."""
+                  run_id: str | None = None, sink: EventSink | None = None) -> RunResult:
+    """Run a pipeline: each stage starts once the stages it depends on finished; a failure cancels the rest.
+
+    With a `sink`, every stage start and finish, and every generated piece of text, is sent to it as a RunEvent.
+    """
     run_id = run_id or uuid.uuid4().hex[:12]
     bound = pipeline.check_inputs(inputs, pipeline=name)
     deps = pipeline.dependencies()
@@ -159,15 +221,21 @@ async def execute(name: str, pipeline: PipelineSpec, inputs: Mapping[str, Any], 
     failures: list[StageError] = []
     started = time.perf_counter()
 
+    async def emit(type: str, stage: str | None = None, **data: Any) -> None:
+        if sink is not None:
+            await sink(RunEvent(type, run_id, stage, data))
+
     async def run_stage(stage_name: str, cancel: anyio.CancelScope) -> None:
         for dep in deps[stage_name]:
             await done[dep].wait()
         stage = pipeline.stages[stage_name]
+        ctx = StageContext(name, stage_name, run_id, bound, results, resources, sink)
         log.debug("stage started", stage=stage_name, kind=stage.kind)
+        await emit("stage_started", stage_name, kind=stage.kind)
         t0 = time.perf_counter()
         try:
             with anyio.fail_after(stage.timeout_seconds):
-                result = await RUNNERS[stage.kind](stage, resources, bound, results)
+                result = await RUNNERS[stage.kind](stage, ctx)
         except Exception as exc:
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"timed out after {stage.timeout_seconds:g}s (the stage's timeout)")
@@ -176,24 +244,33 @@ async def execute(name: str, pipeline: PipelineSpec, inputs: Mapping[str, Any], 
                 exc = EngineError(f"{type(exc).__name__}: {exc}")
             failures.append(StageError(name, stage_name, exc))
             events.append(StageEvent(stage_name, t0, time.perf_counter(), ok=False))
+            await emit("stage_failed", stage_name, error=str(exc))
             cancel.cancel()  # a failed stage stops its siblings; their engine requests are aborted
             return
         events.append(StageEvent(stage_name, t0, time.perf_counter()))
         results[stage_name] = result
         log.info("stage finished", stage=stage_name, kind=stage.kind, seconds=round(time.perf_counter() - t0, 3))
+        await emit("stage_finished", stage_name, result=result, seconds=round(time.perf_counter() - t0, 3))
         done[stage_name].set()
 
     with structlog.contextvars.bound_contextvars(run_id=run_id, pipeline=name):
         log.info("run started", stages=len(pipeline.stages))
+        await emit("run_started", pipeline=name, inputs=bound)
         async with anyio.create_task_group() as tg:
             for stage_name in pipeline.stages:
                 tg.start_soon(run_stage, stage_name, tg.cancel_scope)
         if failures:
             failure = failures[0]
             log.error("run failed", stage=failure.stage, error=str(failure.cause))
+            await emit("run_failed", failure.stage, error=str(failure))
             raise failure from failure.cause
-        output: Any = results if pipeline.output is None else render(
-            pipeline.output, inputs=bound, stages=results)
+        try:
+            output: Any = results if pipeline.output is None else render(
+                pipeline.output, inputs=bound, stages=results)
+        except MultilaneError as exc:
+            await emit("run_failed", error=str(exc))
+            raise
         seconds = time.perf_counter() - started
         log.info("run finished", seconds=round(seconds, 3))
+        await emit("run_finished", output=output, seconds=round(seconds, 3))
     return RunResult(run_id, name, output, results, sorted(events, key=lambda e: e.started), seconds)
