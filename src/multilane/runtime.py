@@ -51,7 +51,8 @@ def auto_budget(*, gpu: bool) -> int:
 def _settings_key(model: ModelSpec) -> str:
     """The engine settings that must match for two declared models to share a lane."""
     return json.dumps({"kind": model.kind, "context": model.context, "parallel": model.parallel,
-                       "dtype": model.dtype, "batch_size": model.batch_size, "engine": model.engine},
+                       "dtype": model.dtype, "batch_size": model.batch_size, "batch_wait": model.batch_wait,
+                       "engine": model.engine},
                       sort_keys=True, default=str)
 
 
@@ -70,7 +71,8 @@ async def plan_model(name: str, spec: Spec) -> LanePlan:
 
         async def load_embedding() -> Engine:
             return await SentenceTransformerEngine.load(path, identity=prepared.identity,
-                                                        batch_size=model.batch_size)
+                                                        batch_size=model.batch_size,
+                                                        batch_wait=model.batch_wait_seconds)
 
         weights = await anyio.to_thread.run_sync(_weights_bytes, prepared.path)
         return LanePlan(key, "embedding", model.source, load_embedding, weights_bytes=weights,

@@ -10,9 +10,15 @@ import anyio
 import numpy as np
 import structlog
 
+from multilane.batching import MicroBatcher
 from multilane.errors import EngineError
 
 log = structlog.get_logger(__name__)
+
+
+def _check_text(text: str) -> None:
+    if not isinstance(text, str):
+        raise EngineError(f"embed takes strings; got {type(text).__name__}")
 
 
 def pick_device() -> str:
@@ -23,9 +29,10 @@ def pick_device() -> str:
 
 
 class SentenceTransformerEngine:
-    """A loaded sentence-transformers model; one encode runs at a time, each over a whole batch."""
+    """A loaded sentence-transformers model; concurrent embed calls are micro-batched into one encode."""
 
-    def __init__(self, model: Any, *, identity: str, device: str, batch_size: int = 32) -> None:
+    def __init__(self, model: Any, *, identity: str, device: str, batch_size: int = 32,
+                 batch_wait: float = 0.002) -> None:
         self._model = model
         self.identity = identity
         self.device = device
@@ -37,9 +44,12 @@ class SentenceTransformerEngine:
         self._limiter = anyio.CapacityLimiter(1)
         # A fast tokenizer raises "Already borrowed" when two threads use it at once.
         self._tokenizer_lock = threading.Lock()
+        self.batcher: MicroBatcher[str, np.ndarray] = MicroBatcher(
+            self._encode_batch, max_batch_size=batch_size, max_wait=batch_wait, name=f"embed:{identity}",
+            validate=_check_text)
 
     @classmethod
-    async def load(cls, path: str, *, identity: str, batch_size: int = 32,
+    async def load(cls, path: str, *, identity: str, batch_size: int = 32, batch_wait: float = 0.002,
                    device: str | None = None) -> SentenceTransformerEngine:
         """Load a sentence-transformers folder onto the best device."""
 
@@ -48,7 +58,7 @@ class SentenceTransformerEngine:
 
             chosen = device or pick_device()
             model = SentenceTransformer(path, device=chosen, local_files_only=True)
-            return cls(model, identity=identity, device=chosen, batch_size=batch_size)
+            return cls(model, identity=identity, device=chosen, batch_size=batch_size, batch_wait=batch_wait)
 
         log.info("loading embedding model", path=path)
         try:
@@ -57,18 +67,30 @@ class SentenceTransformerEngine:
             raise EngineError(f"sentence-transformers could not load {path}: {exc}") from exc
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed texts as L2-normalised float32 rows."""
+        """Embed texts as L2-normalised float32 rows; concurrent calls share one encode."""
+        if isinstance(texts, str):
+            raise EngineError("embed takes a list of texts, not one string")
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        rows = await self.batcher.submit_many(list(texts))
+        return np.stack(rows)
+
+    async def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts in one encode of their own, bypassing the micro-batcher."""
+        return np.stack(await self._encode_batch(list(texts)))
+
+    async def _encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         if self._model is None:
             raise EngineError("embedding engine is closed")
         model = self._model
 
         def _encode() -> np.ndarray:
             with self._tokenizer_lock:
-                vectors = model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                vectors = model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                                        convert_to_numpy=True, show_progress_bar=False)
             return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dimension)
 
-        return await anyio.to_thread.run_sync(_encode, limiter=self._limiter)
+        return list(await anyio.to_thread.run_sync(_encode, limiter=self._limiter))
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """Character offsets of each word-piece of text."""

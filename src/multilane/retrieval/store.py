@@ -17,8 +17,9 @@ import anyio.to_thread
 import numpy as np
 import structlog
 
+from multilane.batching import MicroBatcher
 from multilane.engines.base import EmbeddingEngine
-from multilane.errors import IndexBuildError, MultilaneError
+from multilane.errors import IndexBuildError, InputError, MultilaneError
 from multilane.retrieval.index import Hit, VectorIndex
 from multilane.retrieval.ingest import (
     ChunkRecord,
@@ -50,6 +51,9 @@ class OpenedIndex:
         self.path = path
         self.index = index
         self.embedder = embedder
+        # Concurrent searches on this index coalesce into one multi-query FAISS search.
+        self.batcher: MicroBatcher[tuple[np.ndarray, int], list[Hit]] = MicroBatcher(
+            self._search_batch, max_batch_size=256, max_wait=0.002, name=f"search:{name}", validate=_check_query)
 
     @property
     def chunks(self) -> int:
@@ -68,7 +72,13 @@ class OpenedIndex:
         if not queries:
             return []
         vectors = await self.embedder.embed(list(queries))
-        return await self.index.asearch(vectors, top_k)
+        return await self.batcher.submit_many([(vector, top_k) for vector in vectors])
+
+    async def _search_batch(self, items: list[tuple[np.ndarray, int]]) -> list[list[Hit]]:
+        """One FAISS search for a batch of (vector, top_k) queries, each cut to its own top_k."""
+        deepest = max(top_k for _, top_k in items)
+        hits = await self.index.asearch(np.stack([vector for vector, _ in items]), deepest)
+        return [found[:top_k] for found, (_, top_k) in zip(hits, items, strict=True)]
 
     def search_vectors(self, vectors: np.ndarray, top_k: int) -> list[list[Hit]]:
         """Return each query vector's top_k hits; blocks, so call it from a worker thread."""
@@ -77,6 +87,11 @@ class OpenedIndex:
     def __repr__(self) -> str:
         return (f"OpenedIndex(name={self.name!r}, status={self.status!r}, "
                 f"documents={self.documents}, chunks={self.chunks}, device={self.device!r})")
+
+
+def _check_query(item: tuple[np.ndarray, int]) -> None:
+    if item[1] < 1:
+        raise InputError(f"top_k must be at least 1, got {item[1]}")
 
 
 def fingerprint(embedder: EmbeddingEngine, chunk_tokens: int, chunk_overlap: int,
