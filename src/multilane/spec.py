@@ -157,6 +157,7 @@ class ModelSpec(_Model):
     preload: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     batch_size: int = Field(default=32, ge=1)
+    batch_wait: Duration = "2ms"  # embedding micro-batch: how long the first call waits for others
     engine: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -169,6 +170,11 @@ class ModelSpec(_Model):
         if isinstance(data, dict) and data.get("kind") == "embedding":
             return {"parallel": 64, **data}
         return data
+
+    @property
+    def batch_wait_seconds(self) -> float:
+        """How long an embedding micro-batch waits for more calls, in seconds."""
+        return parse_duration(self.batch_wait) or 0.0
 
     @property
     def keep_alive_seconds(self) -> float | None:
