@@ -190,6 +190,44 @@ def format_plans(spec: Any, plans: dict[str, Any], usage: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
+@app.command()
+def bench(suites: Annotated[list[str] | None, typer.Argument(
+              help="Suites to run: throughput, embedding, search, rag, swap (default: all).")] = None,
+          folder: Annotated[Path, typer.Option("--dir", help="The benchmarks folder.")] = Path("bench"),
+          verbose: Verbose = False) -> None:
+    """Run the benchmarks under bench/ and write a table, JSON and a chart to bench/results/."""
+    configure_logging("info" if verbose else "warning")
+    import importlib.util
+
+    script = folder / "suites.py"
+    if not script.is_file():
+        _fail(f"no benchmarks at {script}; run from a checkout of the project or pass --dir")
+    spec = importlib.util.spec_from_file_location("multilane_bench_suites", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names = suites or list(module.SUITES)
+    unknown = [name for name in names if name not in module.SUITES]
+    if unknown:
+        _fail(f"unknown suite '{unknown[0]}' (suites: {', '.join(module.SUITES)})", 2)
+
+    results: dict[str, Any] = {}
+
+    async def go() -> None:
+        results.update(await module.run(names))
+
+    _run_async(go)
+    out = folder / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    if "throughput" in results:
+        module.chart(results, out / "throughput.png")
+    typer.echo(module.table(results))
+    typer.echo(f"\nresults: {out / 'latest.json'}")
+
+
 def _run_async(fn: Any) -> None:
     try:
         anyio.run(fn)
