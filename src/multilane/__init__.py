@@ -6,13 +6,16 @@ import os as _os
 # Set before transformers or huggingface_hub is imported, since they read it once.
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from multilane.agents import Agent, AgentContext, AgentResult, AgentStep, Tool, ToolCall, tool
 from multilane.engines.base import Completion, SamplingOptions
 from multilane.errors import (
+    AgentStepLimitError,
     ContextLengthError,
     EngineDeadError,
     EngineError,
     IndexBuildError,
     InputError,
+    ItemError,
     MemoryBudgetError,
     MultilaneError,
     OutputValidationError,
@@ -30,12 +33,18 @@ from multilane.spec import Spec, load_spec, parse_spec
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
+    "AgentContext",
+    "AgentResult",
+    "AgentStep",
+    "AgentStepLimitError",
     "Completion",
     "ContextLengthError",
     "EngineDeadError",
     "EngineError",
     "IndexBuildError",
     "InputError",
+    "ItemError",
     "MemoryBudgetError",
     "MultilaneError",
     "OutputValidationError",
@@ -50,8 +59,11 @@ __all__ = [
     "StageError",
     "StageEvent",
     "TemplateError",
+    "Tool",
+    "ToolCall",
     "UnknownNameError",
     "__version__",
     "load_spec",
     "parse_spec",
+    "tool",
 ]

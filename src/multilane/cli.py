@@ -132,16 +132,25 @@ def index_build(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).
 
 
 @app.command()
-def ps(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
+def ps(file: Annotated[Path | None, typer.Argument(help="Pipeline file (YAML); not needed with --url.")] = None,
        load: Annotated[list[str] | None, typer.Option("--load", help="Load this model first (repeatable).")] = None,
+       url: Annotated[str | None, typer.Option("--url", help="Read the lanes of a running server instead.")] = None,
+       api_key: Annotated[str | None, typer.Option("--api-key", envvar="MULTILANE_API_KEY",
+                                                   help="The server's API key (with --url).")] = None,
        as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
        verbose: Verbose = False) -> None:
-    """Show the lanes of a pipeline file: what each model costs, and what is loaded after --load."""
+    """Show the lanes of a pipeline file (what each model costs, what is loaded after --load) or of a server."""
     configure_logging("info" if verbose else "warning")
+    if url is not None:
+        _ps_url(url, api_key, as_json)
+        return
+    if file is None:
+        _fail("give a pipeline file, or --url of a running server", 2)
+    path: Path = file  # type: ignore[assignment]  # _fail exits
     from multilane.runtime import Runtime
 
     async def go() -> None:
-        async with Runtime.from_file(file) as rt:
+        async with Runtime.from_file(path) as rt:
             for name in load or []:
                 await rt.load(name)
             rows = rt.ps()
@@ -155,6 +164,67 @@ def ps(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
         typer.echo(format_plans(rt.spec, plans, usage))
 
     _run_async(go)
+
+
+def _ps_url(url: str, api_key: str | None, as_json: bool) -> None:
+    """Print the lanes a running server reports on /api/ps, as `multilane ps` does."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(url.rstrip("/") + "/api/ps", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach {url}: {exc}")
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("error", response.text)
+        except ValueError:
+            detail = response.text
+        _fail(f"{url} answered {response.status_code}: {detail}")
+    body = response.json()
+    rows = [model["multilane"] for model in body.get("models", []) if "multilane" in model]
+    if as_json:
+        typer.echo(json.dumps({"lanes": rows, "usage": body.get("usage")}, indent=2, default=str))
+        return
+    typer.echo(format_ps(rows))
+    usage = body.get("usage")
+    if usage:
+        from multilane.lanes import format_bytes
+
+        budget = usage["budget_bytes"]
+        typer.echo(f"\nbudget {format_bytes(budget) if budget else 'unlimited'}, in use "
+                   f"{format_bytes(usage['used_bytes'])}, {usage['loaded']} of {usage['max_loaded_models']} "
+                   "lanes loaded")
+
+
+@app.command()
+def serve(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
+          host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8700,
+          api_key: Annotated[str | None, typer.Option(
+              "--api-key", envvar="MULTILANE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on every route but /healthz.")] = None,
+          grace: Annotated[int, typer.Option("--grace", help="Seconds in-flight calls get to finish on SIGTERM.")] = 10,
+          max_body: Annotated[str, typer.Option("--max-body", help="Largest request body, e.g. 4MiB.")] = "4MiB",
+          max_tokens: Annotated[int, typer.Option("--max-tokens",
+                                                  help="max_tokens of calls that give none.")] = 512,
+          verbose: Verbose = False) -> None:
+    """Serve a pipeline file over HTTP: OpenAI- and Ollama-compatible routes, pipeline runs, metrics."""
+    configure_logging("info" if verbose else "warning")
+    from multilane.server import serve as run_server
+    from multilane.spec import parse_size
+
+    try:
+        limit = parse_size(max_body)
+    except ValueError as exc:
+        _fail(f"--max-body: {exc}", 2)
+    if not verbose:
+        typer.echo(f"multilane: serving {file} on http://{host}:{port} (loading models first)", err=True)
+    try:
+        run_server(file, host=host, port=port, api_key=api_key or None, grace=grace, max_body_bytes=limit,
+                   log_level="info" if verbose else "warning", default_max_tokens=max_tokens)
+    except MultilaneError as exc:
+        _fail(str(exc))
 
 
 def format_ps(rows: list[dict[str, Any]]) -> str:

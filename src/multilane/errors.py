@@ -79,3 +79,24 @@ class QueueFullError(MultilaneError):
 
 class ContextLengthError(MultilaneError):
     """A prompt plus its max_tokens does not fit the lane's context."""
+
+
+class AgentStepLimitError(MultilaneError):
+    """An agent used all its steps without answering; `transcript` holds what it did (an AgentResult)."""
+
+    def __init__(self, message: str, *, agent: str, transcript: object) -> None:
+        self.agent = agent
+        self.transcript = transcript
+        super().__init__(message)
+
+
+class ItemError(MultilaneError):
+    """One item of a for_each stage failed; names the item and wraps the cause."""
+
+    def __init__(self, index: int, count: int, item: object, cause: BaseException) -> None:
+        self.index = index
+        self.item = item
+        self.cause = cause
+        shown = repr(item)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        super().__init__(f"for_each item {index + 1} of {count} ({shown}): {cause}")

@@ -22,7 +22,16 @@ import numpy as np
 import structlog
 
 from multilane.durations import format_duration
-from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateEngine, Message, SamplingOptions
+from multilane.engines.base import (
+    Chunk,
+    Completion,
+    EmbeddingEngine,
+    GenerateEngine,
+    Message,
+    PreparingEngine,
+    SamplingOptions,
+    TokenizingEngine,
+)
 from multilane.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -80,6 +89,9 @@ class LanePlan:
 Planner = Callable[[str], Awaitable[LanePlan]]
 """Plans the lane of a declared model, given its name."""
 
+RequestObserver = Callable[[str, float | None, float], None]
+"""Told of each finished call: (declared model, seconds to its first token or None, seconds in all, queue included)."""
+
 
 def format_bytes(n: float) -> str:
     """Bytes in binary units: 23.0 KiB, 1.50 GiB."""
@@ -88,6 +100,14 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prompt ready for a lane's engine (token ids, or what a remote engine prepared), and its token count."""
+
+    payload: Any
+    tokens: int | None
 
 
 @dataclass
@@ -215,10 +235,19 @@ class Lane:
             raise EngineError(f"model '{self.name}' is an embedding model; it cannot generate text")
         return self.engine
 
-    def prepare(self, messages: Sequence[Message], max_tokens: int, *, truncate: bool = False) -> list[int]:
-        """Render and tokenize messages; refuse a prompt that does not fit the context, or cut it if asked."""
+    async def prepare(self, messages: Sequence[Message] | str, max_tokens: int, *,
+                      truncate: bool = False) -> Prepared:
+        """Render and tokenize messages, or take a str as a raw prompt; refuse a prompt that does not fit, or cut it.
+
+        A prompt longer than the context minus max_tokens is an error unless `truncate` keeps its end.
+        """
         engine = self._generate_engine()
-        ids = engine.encode(engine.render(messages))
+        if isinstance(engine, PreparingEngine):
+            prompt = await engine.prepare(messages, max_tokens, truncate=truncate, model=self.name)
+            return Prepared(prompt, prompt.tokens)
+        if not isinstance(engine, TokenizingEngine):
+            raise EngineError(f"model '{self.name}': its engine has neither a tokenizer nor a prepare method")
+        ids = engine.encode(messages if isinstance(messages, str) else engine.render(messages))
         room = engine.context - max_tokens
         if len(ids) > room:
             if not truncate or room <= 0:
@@ -228,19 +257,24 @@ class Lane:
                     "prompt, lower max_tokens, raise the model's context, or set truncate: true")
             log.warning("prompt truncated", model=self.name, tokens=len(ids), kept=room)
             ids = ids[len(ids) - room:]  # keep the end: the question and the generation prompt
-        return ids
+        return Prepared(ids, len(ids))
 
-    async def _stream_in_slot(self, ids: list[int], options: SamplingOptions,
-                              model: str) -> AsyncGenerator[Chunk, None]:
+    async def _stream_in_slot(self, prompt: Prepared, options: SamplingOptions,
+                              model: str, started: float) -> AsyncGenerator[Chunk, None]:
         metrics = self._pool.metrics[model]  # counted under the declared name called, also on a shared lane
         metrics.requests += 1
-        metrics.prompt_tokens += len(ids)
+        prompt_tokens = prompt.tokens or 0
+        metrics.prompt_tokens += prompt_tokens
         request_id = f"{self.name}-{self._pool.next_request_id()}"
-        chunks = self._generate_engine().stream(ids, options, request_id)
+        chunks = self._generate_engine().stream(prompt.payload, options, request_id)
+        first: float | None = None
         try:
             async for chunk in chunks:
                 metrics.completion_tokens += chunk.tokens
-                yield dataclasses.replace(chunk, prompt_tokens=len(ids))
+                if first is None and chunk.tokens:
+                    first = time.perf_counter() - started
+                yield dataclasses.replace(chunk, prompt_tokens=prompt_tokens)
+            self._pool.observe(model, first, time.perf_counter() - started)
         except EngineDeadError:
             metrics.failures += 1
             await self._pool.drop(self, reason="engine died")
@@ -270,6 +304,12 @@ class Pool:
         self._wake = anyio.Event()
         self._requests = 0
         self.metrics: dict[str, LaneMetrics] = {name: LaneMetrics() for name in models}
+        self.observers: list[RequestObserver] = []  # e.g. the HTTP server's latency histograms
+
+    def observe(self, model: str, first_token: float | None, seconds: float) -> None:
+        """Tell the observers that a call finished."""
+        for observer in self.observers:
+            observer(model, first_token, seconds)
 
     def next_request_id(self) -> int:
         """A number unique in this pool, for engine request ids."""
@@ -407,14 +447,14 @@ class Pool:
     # ---- using lanes
 
     async def _leased(self, name: str, keep_alive: float | None,
-                      check: Callable[[Lane], Any] | None = None) -> tuple[Lane, Any]:
+                      check: Callable[[Lane], Awaitable[Any]] | None = None) -> tuple[Lane, Any]:
         """A lane of the model with one of its slots taken (the caller releases it), and what `check` said.
 
         `check` runs before the call queues, so a request that can never run fails at once.
         """
         while True:
             lane = await self.lane(name)
-            checked = check(lane) if check is not None else None
+            checked = await check(lane) if check is not None else None
             try:
                 await lane.acquire(keep_alive)
             except _LaneClosed:
@@ -428,48 +468,53 @@ class Pool:
         async with lane.hold():
             yield lane
 
-    async def stream(self, name: str, messages: Sequence[Message], options: SamplingOptions, *,
+    async def stream(self, name: str, messages: Sequence[Message] | str, options: SamplingOptions, *,
                      truncate: bool = False, keep_alive: float | None = UNSET) -> AsyncGenerator[Chunk, None]:
-        """Stream a completion from a generate model; cancelling the consumer aborts the engine request."""
-        lane, ids = await self._leased(
+        """Stream a completion from a generate model (a str is a raw prompt); cancelling the consumer aborts it."""
+        started = time.perf_counter()
+        lane, prompt = await self._leased(
             name, keep_alive, lambda lane: lane.prepare(messages, options.max_tokens, truncate=truncate))
         try:
-            async with aclosing(lane._stream_in_slot(ids, options, name)) as chunks:
+            async with aclosing(lane._stream_in_slot(prompt, options, name, started)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
             lane.release()
 
-    async def generate(self, name: str, messages: Sequence[Message], options: SamplingOptions, *,
+    async def generate(self, name: str, messages: Sequence[Message] | str, options: SamplingOptions, *,
                        truncate: bool = False, keep_alive: float | None = UNSET) -> Completion:
-        """Generate a whole completion from a generate model."""
-        lane, ids = await self._leased(
+        """Generate a whole completion from a generate model (a str is a raw prompt)."""
+        started = time.perf_counter()
+        lane, prompt = await self._leased(
             name, keep_alive, lambda lane: lane.prepare(messages, options.max_tokens, truncate=truncate))
         try:
             parts: list[str] = []
             tokens = 0
             finish: str | None = None
-            async with aclosing(lane._stream_in_slot(ids, options, name)) as chunks:
+            async with aclosing(lane._stream_in_slot(prompt, options, name, started)) as chunks:
                 async for chunk in chunks:
                     parts.append(chunk.text)
                     tokens += chunk.tokens
                     finish = chunk.finish_reason or finish
         finally:
             lane.release()
-        return Completion("".join(parts), len(ids), tokens, finish)
+        return Completion("".join(parts), prompt.tokens or 0, tokens, finish)
 
     async def embed(self, name: str, texts: Sequence[str], *, keep_alive: float | None = UNSET) -> np.ndarray:
         """Embed texts with an embedding model."""
-        def is_embedding(lane: Lane) -> EmbeddingEngine:
+        async def is_embedding(lane: Lane) -> EmbeddingEngine:
             if lane.kind != "embedding" or not isinstance(lane.engine, EmbeddingEngine):
                 raise EngineError(f"model '{name}' is a generate model; it cannot embed text")
             return lane.engine
 
+        started = time.perf_counter()
         lane, engine = await self._leased(name, keep_alive, is_embedding)
         try:
             self.metrics[name].requests += 1
             try:
-                return await engine.embed(texts)  # type: ignore[no-any-return]
+                vectors: np.ndarray = await engine.embed(texts)
+                self.observe(name, None, time.perf_counter() - started)
+                return vectors
             except EngineDeadError:
                 self.metrics[name].failures += 1
                 await self.drop(lane, reason="engine died")

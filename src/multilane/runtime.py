@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
@@ -19,12 +19,15 @@ import structlog
 
 from multilane.durations import parse_duration
 from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateEngine, Message, SamplingOptions
-from multilane.errors import EngineError, MultilaneError
+from multilane.errors import EngineError, MultilaneError, UnknownNameError
 from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
 from multilane.pipeline.executor import RunEvent, RunResult, execute
 from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home, resolve_source
 from multilane.spec import ModelSpec, Spec, load_spec
+
+if TYPE_CHECKING:
+    from multilane.agents import Agent, AgentResult
 
 log = structlog.get_logger(__name__)
 
@@ -61,8 +64,15 @@ def _weights_bytes(folder: Path) -> int:
 
 
 async def plan_model(name: str, spec: Spec) -> LanePlan:
-    """Resolve a model's source and work out its lane's cost: vLLM for generate, sentence-transformers for embedding."""
+    """Work out a model's lane: its engine (vLLM, sentence-transformers or remote), its cost and how to load it."""
     model = spec.model(name)
+    options = dict(model.engine)
+    engine_kind = options.pop("kind", "local")
+    if engine_kind == "remote":
+        return _plan_remote(name, spec)
+    if engine_kind not in ("local", "vllm"):
+        raise spec.error(f"unknown engine kind '{engine_kind}' (kinds: vllm, remote)",
+                         ("models", name, "engine", "kind"))
     prepared = await anyio.to_thread.run_sync(lambda: resolve_source(model.source, base_dir=spec.base_dir))
     key = (prepared.identity, _settings_key(model))
     path = str(prepared.path)
@@ -83,14 +93,40 @@ async def plan_model(name: str, spec: Spec) -> LanePlan:
 
     context = model.context or 2048
     cost = footprint(prepared.path, model.dtype)
+    # With tensor or pipeline parallelism each GPU holds its share of weights and KV cache: budget per GPU.
+    shards = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
 
     async def load_generate() -> Engine:
         return await VLLMEngine.load(path, identity=prepared.identity, context=context, parallel=model.parallel,
-                                     dtype=model.dtype, kv_cache_bytes=plan.kv_bytes, options=model.engine)
+                                     dtype=model.dtype, kv_cache_bytes=plan.kv_bytes, options=options)
 
-    plan = LanePlan(key, "generate", model.source, load_generate, weights_bytes=cost.weights_bytes,
-                    kv_bytes_per_token=cost.kv_bytes_per_token, parallel=model.parallel, context=context)
+    plan = LanePlan(key, "generate", model.source, load_generate, weights_bytes=-(-cost.weights_bytes // shards),
+                    kv_bytes_per_token=-(-cost.kv_bytes_per_token // shards), parallel=model.parallel,
+                    context=context)
     return plan
+
+
+def _plan_remote(name: str, spec: Spec) -> LanePlan:
+    """A lane on an OpenAI-compatible server: it costs no local memory; slots and the queue still apply."""
+    from multilane.engines.remote import RemoteEmbeddingEngine, RemoteGenerateEngine, RemoteSettings
+
+    model = spec.model(name)
+    try:
+        settings = RemoteSettings.from_options(model.engine, default_model=name)
+    except EngineError as exc:
+        raise spec.error(str(exc), ("models", name, "engine")) from None
+    key = ("remote", settings.url, settings.served_model, _settings_key(model))
+    source = f"{settings.url}#{settings.served_model}"
+    if model.kind == "embedding":
+        async def load_embedding() -> Engine:
+            return await RemoteEmbeddingEngine.load(settings)
+
+        return LanePlan(key, "embedding", source, load_embedding, parallel=model.parallel)
+
+    async def load_generate() -> Engine:
+        return await RemoteGenerateEngine.load(settings, context=model.context)
+
+    return LanePlan(key, "generate", source, load_generate, parallel=model.parallel, context=model.context)
 
 
 class _LaneEmbedder:
@@ -131,6 +167,7 @@ class Runtime:
         self._indexes: dict[str, OpenedIndex] = {}
         self._index_locks: dict[str, anyio.Lock] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._agents: Mapping[str, Agent] | None = dict(spec.agents) if spec.agents else None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> Runtime:
@@ -217,18 +254,22 @@ class Runtime:
         return self._pool.ps()
 
     async def generate(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
-                       *, truncate: bool = False, keep_alive: str | float | None = None) -> Completion:
-        """Generate a completion of a chat (or of one user message) with a declared generate model."""
+                       *, truncate: bool = False, keep_alive: str | float | None = None,
+                       raw: bool = False) -> Completion:
+        """Generate a completion of a chat (or of one user message) with a declared generate model.
+
+        With `raw=True`, `messages` is a prompt string tokenized as is, without the chat template.
+        """
         self._check_open()
-        return await self._pool.generate(model, _as_messages(messages), options or SamplingOptions(),
+        return await self._pool.generate(model, _as_prompt(messages, raw), options or SamplingOptions(),
                                          truncate=truncate, keep_alive=_keep_alive(keep_alive))
 
     async def generate_stream(self, model: str, messages: Sequence[Message] | str,
                               options: SamplingOptions | None = None, *, truncate: bool = False,
-                              keep_alive: str | float | None = None) -> AsyncGenerator[Chunk, None]:
-        """Stream a completion chunk by chunk; leaving the loop early aborts the engine request."""
+                              keep_alive: str | float | None = None, raw: bool = False) -> AsyncGenerator[Chunk, None]:
+        """Stream a completion chunk by chunk (`raw` as in `generate`); leaving the loop early aborts the request."""
         self._check_open()
-        chunks = self._pool.stream(model, _as_messages(messages), options or SamplingOptions(),
+        chunks = self._pool.stream(model, _as_prompt(messages, raw), options or SamplingOptions(),
                                    truncate=truncate, keep_alive=_keep_alive(keep_alive))
         async with aclosing(chunks):  # a caller leaving early aborts the request before the slot is reused
             async for chunk in chunks:
@@ -278,6 +319,23 @@ class Runtime:
         declared = self.spec.pipeline(pipeline)
         return await execute(pipeline, declared, {**(inputs or {}), **kwargs}, self)
 
+    def agent(self, name: str) -> Agent:
+        """Return an agent defined under the project's agents/ folder (or an allowed module) by name."""
+        if self._agents is None:
+            from multilane.agents import load_agents
+
+            self._agents = load_agents(self.spec)
+        if name not in self._agents:
+            raise UnknownNameError(f"unknown agent '{name}' (agents: {', '.join(sorted(self._agents)) or 'none'})")
+        return self._agents[name]
+
+    async def run_agent(self, agent: str | Agent, task: str) -> AgentResult:
+        """Run an agent (by name, or an Agent object) on a task until it answers; see AgentResult."""
+        from multilane.agents import run_agent
+
+        self._check_open()
+        return await run_agent(self.agent(agent) if isinstance(agent, str) else agent, task, self)
+
     @asynccontextmanager
     async def stream(self, pipeline: str, inputs: Mapping[str, Any] | None = None, /,
                      **kwargs: Any) -> AsyncGenerator[AsyncIterator[RunEvent], None]:
@@ -321,6 +379,14 @@ class Runtime:
 
 def _as_messages(messages: Sequence[Message] | str) -> list[Message]:
     return [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+
+
+def _as_prompt(messages: Sequence[Message] | str, raw: bool) -> list[Message] | str:
+    if raw:
+        if not isinstance(messages, str):
+            raise MultilaneError("raw=True takes a prompt string, not messages")
+        return messages
+    return _as_messages(messages)
 
 
 def _keep_alive(value: str | float | None) -> Any:

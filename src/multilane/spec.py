@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -24,10 +25,12 @@ from pydantic import (
 
 from multilane.durations import parse_duration
 from multilane.errors import InputError, SpecError, TemplateError, UnknownNameError
-from multilane.pipeline.templates import ANY, ROOTS, template_names, template_reads
+from multilane.pipeline.templates import ANY, ITEM, ROOTS, compile_expression, template_names, template_reads
 
 __all__ = [
     "STAGE_KINDS",
+    "AgentStage",
+    "AgentsSpec",
     "EmbedStage",
     "IndexSpec",
     "InputSpec",
@@ -47,7 +50,7 @@ __all__ = [
 
 KeyPath = tuple[str | int, ...]
 
-STAGE_KINDS: tuple[str, ...] = ("embed", "retrieve", "reason", "tool_call")
+STAGE_KINDS: tuple[str, ...] = ("embed", "retrieve", "reason", "tool_call", "agent")
 INPUT_TYPES: tuple[str, ...] = ("str", "int", "float", "bool", "list")
 _SCHEMA_KEYS = ("type", "properties", "anyOf", "oneOf", "allOf", "$ref", "enum", "const")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -241,9 +244,26 @@ class InputSpec(_Model):
         return isinstance(value, list | tuple)
 
 
+class AgentsSpec(_Model):
+    """Where the file's agents come from: a folder of Python files, and installed modules allowed by name."""
+
+    path: str | None = None
+    allow_modules: list[str] = Field(default_factory=list)
+
+
 class _StageBase(_Model):
     after: list[str] = Field(default_factory=list)
     timeout: Duration | None = None
+    for_each: str | None = None
+    on_error: Literal["fail", "skip", "collect"] = "fail"
+    max_concurrency: int = Field(default=16, ge=1)
+
+    def for_each_source(self) -> str | None:
+        """The for_each expression written as a template (`{{ ... }}`), for reads and checks."""
+        if self.for_each is None:
+            return None
+        stripped = self.for_each.strip()
+        return stripped if stripped.startswith("{{") else "{{ " + stripped + " }}"
 
     @property
     def timeout_seconds(self) -> float | None:
@@ -313,14 +333,27 @@ class ToolCallStage(_GenerateStage):
     json_schema: dict[str, Any] = Field(alias="schema")
 
 
+class AgentStage(_StageBase):
+    """Run an agent (defined in Python under the project's agents/ folder) on a rendered task."""
+
+    kind: Literal["agent"]
+    agent: str
+    task: str
+
+    def templates(self) -> dict[str, str]:
+        """The stage's template fields (YAML key -> source) that are set."""
+        return {"task": self.task}
+
+
 Stage = Annotated[
-    EmbedStage | RetrieveStage | ReasonStage | ToolCallStage, Field(discriminator="kind")
+    EmbedStage | RetrieveStage | ReasonStage | ToolCallStage | AgentStage, Field(discriminator="kind")
 ]
 _STAGE_CLASSES: dict[str, type[_StageBase]] = {
     "embed": EmbedStage,
     "retrieve": RetrieveStage,
     "reason": ReasonStage,
     "tool_call": ToolCallStage,
+    "agent": AgentStage,
 }
 
 
@@ -344,7 +377,11 @@ class PipelineSpec(_Model):
         deps: dict[str, frozenset[str]] = {}
         for name, stage in self.stages.items():
             needed = set(stage.after)
-            for source in stage.templates().values():
+            sources = list(stage.templates().values())
+            each = stage.for_each_source()
+            if each is not None:
+                sources.append(each)
+            for source in sources:
                 needed.update(
                     attr for root, attr in template_reads(source) if root == "stages" and attr in self.stages
                 )
@@ -395,6 +432,7 @@ class SpecFile(_Model):
     models: dict[str, ModelSpec] = Field(min_length=1)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     indexes: dict[str, IndexSpec] = Field(default_factory=dict)
+    agents: AgentsSpec | None = None
     pipelines: dict[str, PipelineSpec] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -405,6 +443,7 @@ class SpecFile(_Model):
                 k: v
                 for k, v in data.items()
                 if not (k in ("runtime", "indexes", "pipelines") and v is None)
+                and not (k == "agents" and v is None)
                 and not (isinstance(k, str) and k.startswith("x-"))
             }
         return data
@@ -423,6 +462,8 @@ class Spec:
     path: Path | None = None
     name: str = "<string>"
     lines: Mapping[KeyPath, int] = field(default_factory=dict, repr=False, compare=False)
+    agents: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The agents the file's pipelines can use (multilane.Agent by name), loaded with the file when it uses any."""
 
     @property
     def models(self) -> dict[str, ModelSpec]:
@@ -516,6 +557,11 @@ def _parse(text: str, name: str, base_dir: Path, path: Path | None) -> Spec:
         problems = [_from_pydantic(error, data, lines, name) for error in exc.errors()]
         raise _combine(_dedupe(problems)) from None
     spec = Spec(file=spec_file, base_dir=base_dir, path=path, name=name, lines=lines)
+    if spec_file.agents is not None or any(
+            isinstance(stage, AgentStage) for p in spec_file.pipelines.values() for stage in p.stages.values()):
+        from multilane.agents import load_agents  # imports the project's agent files; only when the file uses them
+
+        spec = dataclasses.replace(spec, agents=load_agents(spec))
     problems = _Checker(spec, literal_starts).run()
     if problems:
         raise _combine(problems)
@@ -676,6 +722,8 @@ def _allowed_keys(path: KeyPath, data: Any) -> list[str] | None:
         model = SpecFile
     elif parent == ("runtime",):
         model = RuntimeSpec
+    elif parent == ("agents",):
+        model = AgentsSpec
     elif len(parent) == 2 and parent[0] == "models":
         model = ModelSpec
     elif len(parent) == 2 and parent[0] == "indexes":
@@ -871,13 +919,23 @@ class _Checker:
                 self.add(f"unknown index '{stage.index}' (declared: {declared})", (*where, "index"))
             if isinstance(stage, ToolCallStage):
                 self.check_schema(stage.json_schema, (*where, "schema"))
+            if isinstance(stage, AgentStage):
+                self.check_agent(stage.agent, (*where, "agent"))
             for i, dep in enumerate(stage.after):
                 if dep == stage_name:
                     self.add(f"stage '{stage_name}' cannot come after itself", (*where, "after", i))
                 elif dep not in pipeline.stages:
                     self.add(f"unknown stage '{dep}' (stages: {', '.join(stage_names)})", (*where, "after", i))
+            each = stage.for_each_source()
+            if each is not None:
+                try:
+                    compile_expression(each)
+                except TemplateError as exc:
+                    self.add(f"for_each: {exc}", (*where, "for_each"))
+                else:
+                    self.check_template(each, (*where, "for_each"), pipeline, stage_name)
             for key, source in stage.templates().items():
-                self.check_template(source, (*where, key), pipeline, stage_name)
+                self.check_template(source, (*where, key), pipeline, stage_name, item=each is not None)
         if pipeline.output is not None:
             self.check_template(pipeline.output, (*base, "output"), pipeline, None)
         if not any(p.path[:2] == base for p in self.problems):
@@ -896,7 +954,19 @@ class _Checker:
             at = path + tuple(exc.path)
             self.add(f"invalid JSON schema: {exc.message}", at)
 
-    def check_template(self, source: str, path: KeyPath, pipeline: PipelineSpec, stage: str | None) -> None:
+    def check_agent(self, name: str, path: KeyPath) -> None:
+        from multilane.agents import check_agent
+
+        agents = self.spec.agents
+        if name not in agents:
+            declared = ", ".join(sorted(agents)) or "none"
+            self.add(f"unknown agent '{name}' (agents: {declared}; {_agents_hint(self.spec)})", path)
+            return
+        for problem in check_agent(agents[name], self.spec):
+            self.add(problem, path)
+
+    def check_template(self, source: str, path: KeyPath, pipeline: PipelineSpec, stage: str | None,
+                       *, item: bool = False) -> None:
         try:
             reads = template_reads(source)
             names = template_names(source)
@@ -912,8 +982,12 @@ class _Checker:
             else:
                 self.add(str(exc), path)
             return
-        for free in sorted(names - set(ROOTS)):
-            self.add(f"unknown name '{free}' (templates can read: {', '.join(ROOTS)})", path)
+        readable = (*ROOTS, ITEM) if item else ROOTS
+        for free in sorted(names - set(readable)):
+            if free == ITEM:
+                self.add("'item' is defined only in stages with for_each (the element the stage runs for)", path)
+            else:
+                self.add(f"unknown name '{free}' (templates can read: {', '.join(readable)})", path)
         declared_inputs = ", ".join(pipeline.inputs) or "none"
         stage_names = ", ".join(pipeline.stages)
         for root, attr in sorted(reads):
@@ -937,6 +1011,15 @@ class _Checker:
                 ("pipelines", name, "stages"),
                 self.spec.line_of(("pipelines", name, "stages", cycle[0])),
             )
+
+
+def _agents_hint(spec: Spec) -> str:
+    from multilane.agents import agents_folder
+
+    folder = agents_folder(spec)
+    modules = spec.file.agents.allow_modules if spec.file.agents is not None else []
+    where = f"Python files under {folder.resolve()}" if folder is not None else "no agents/ folder found"
+    return where + (f" and modules {', '.join(modules)}" if modules else "")
 
 
 def _a(kind: str) -> str:

@@ -307,13 +307,14 @@ def test_unknown_key_lists_the_allowed_keys(load: Loader) -> None:
     error = spec_error(load, edit("        max_tokens: 200\n", "        max_tokens: 200\n        promt: hi\n"))
     assert str(error) == (
         "rag.yaml:34 pipelines.ask.stages.answer.promt: unknown key 'promt' (allowed: kind, after, timeout, "
-        "model, prompt, system, max_tokens, temperature, top_p, stop, truncate)"
+        "for_each, on_error, max_concurrency, model, prompt, system, max_tokens, temperature, top_p, stop, truncate)"
     )
 
 
 def test_unknown_top_level_key(load: Loader) -> None:
     error = spec_error(load, RAG + "pipeline: {}\n")
-    assert str(error) == "rag.yaml:35 pipeline: unknown key 'pipeline' (allowed: models, runtime, indexes, pipelines)"
+    assert str(error) == ("rag.yaml:35 pipeline: unknown key 'pipeline' (allowed: models, runtime, indexes, "
+                          "agents, pipelines)")
 
 
 def test_unknown_model_key(load: Loader) -> None:
@@ -326,7 +327,7 @@ def test_bad_stage_kind_lists_the_kinds(load: Loader) -> None:
     error = spec_error(load, edit("kind: reason", "kind: reasn"))
     assert str(error) == (
         "rag.yaml:30 pipelines.ask.stages.answer.kind: unknown stage kind 'reasn' (kinds: embed, "
-        "retrieve, reason, tool_call)"
+        "retrieve, reason, tool_call, agent)"
     )
 
 

@@ -48,11 +48,33 @@ Message = dict[str, str]  # {"role": ..., "content": ...}
 
 @runtime_checkable
 class GenerateEngine(Protocol):
-    """A loaded text-generation model; concurrent calls are batched by the engine itself."""
+    """A loaded text-generation model; concurrent calls are batched by the engine itself.
+
+    A local engine also has `render` and `encode` (see `TokenizingEngine`): the lane then counts, checks and
+    cuts prompts itself and streams token ids. An engine without them (a remote one) has an async `prepare`
+    (see `PreparingEngine`) and streams whatever that returned.
+    """
 
     identity: str
     context: int
     device: str
+
+    def stream(self, prompt: Any, options: SamplingOptions, request_id: str) -> AsyncIterator[Chunk]:
+        """Stream a completion of a prepared prompt; closing the iterator early aborts the request."""
+        ...
+
+    def unfinished_requests(self) -> int:
+        """How many requests the engine holds now (running or waiting inside it)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop the engine and free its memory; idempotent."""
+        ...
+
+
+@runtime_checkable
+class TokenizingEngine(GenerateEngine, Protocol):
+    """A generate engine with its tokenizer at hand: its prompts are token ids."""
 
     def render(self, messages: Sequence[Message]) -> str:
         """Apply the model's chat template to messages, ready for generation."""
@@ -62,17 +84,21 @@ class GenerateEngine(Protocol):
         """Tokenize a rendered prompt with the model's own tokenizer (the template adds special tokens)."""
         ...
 
-    def stream(self, prompt_ids: Sequence[int], options: SamplingOptions,
-               request_id: str) -> AsyncIterator[Chunk]:
-        """Stream a completion of a tokenized prompt; closing the iterator early aborts the request."""
-        ...
 
-    def unfinished_requests(self) -> int:
-        """How many requests the engine holds now (running or waiting inside it)."""
-        ...
+class PreparedPrompt(Protocol):
+    """A prompt an engine prepared itself, with its token count when the engine could count it."""
 
-    async def close(self) -> None:
-        """Stop the engine and free its memory; idempotent."""
+    @property
+    def tokens(self) -> int | None: ...
+
+
+@runtime_checkable
+class PreparingEngine(GenerateEngine, Protocol):
+    """A generate engine that prepares (and checks) prompts itself, such as a remote one."""
+
+    async def prepare(self, prompt: Sequence[Message] | str, max_tokens: int, *, truncate: bool,
+                      model: str) -> PreparedPrompt:
+        """Make a prompt ready to stream; raises ContextLengthError when it cannot fit."""
         ...
 
 

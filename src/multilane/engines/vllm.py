@@ -99,7 +99,8 @@ class VLLMEngine:
             max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
             stop=list(options.stop) or None, ignore_eos=options.ignore_eos, seed=options.seed,
             output_kind=RequestOutputKind.DELTA,
-            structured_outputs=(StructuredOutputsParams(json=options.json_schema)
+            # Compact JSON: a small model otherwise spends its tokens on the whitespace the grammar allows.
+            structured_outputs=(StructuredOutputsParams(json=options.json_schema, disable_any_whitespace=True)
                                 if options.json_schema is not None else None),
         )
         finished = False

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import jsonschema
@@ -16,17 +17,23 @@ import numpy as np
 import structlog
 
 from multilane.engines.base import Chunk, Completion, Message, SamplingOptions
-from multilane.errors import EngineError, MultilaneError, OutputValidationError, StageError
-from multilane.pipeline.templates import render
+from multilane.errors import EngineError, ItemError, MultilaneError, OutputValidationError, StageError, TemplateError
+from multilane.pipeline.templates import NO_ITEM, evaluate, render
 from multilane.retrieval import OpenedIndex
 from multilane.spec import (
+    AgentStage,
     EmbedStage,
     PipelineSpec,
     ReasonStage,
     RetrieveStage,
     ToolCallStage,
+    _describe,
     _GenerateStage,
+    _StageBase,
 )
+
+if TYPE_CHECKING:
+    from multilane.agents import Agent, AgentStep
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +50,8 @@ class Resources(Protocol):
     async def embed(self, model: str, texts: Sequence[str]) -> np.ndarray: ...
 
     async def index(self, name: str) -> OpenedIndex: ...
+
+    def agent(self, name: str) -> Agent: ...
 
 
 @dataclass(frozen=True)
@@ -102,14 +111,18 @@ class StageContext:
     stages: Mapping[str, Any]
     resources: Resources
     sink: EventSink | None = None
+    item: Any = NO_ITEM  # the list element, in a for_each stage
+    item_index: int | None = None
 
     def render(self, source: str) -> str:
-        """Render a template of this stage with `inputs` and `stages`."""
-        return render(source, inputs=self.inputs, stages=self.stages)
+        """Render a template of this stage with `inputs` and `stages` (and `item` in a for_each stage)."""
+        return render(source, inputs=self.inputs, stages=self.stages, item=self.item)
 
     async def emit(self, type: str, **data: Any) -> None:
-        """Send an event to the run's listener, if it has one."""
+        """Send an event to the run's listener, if it has one; events of a for_each item carry its index."""
         if self.sink is not None:
+            if self.item_index is not None:
+                data = {"item": self.item_index, **data}
             await self.sink(RunEvent(type, self.run_id, self.stage, data))
 
 
@@ -180,6 +193,66 @@ async def _run_tool_call(stage: ToolCallStage, ctx: StageContext) -> dict[str, A
             "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
 
 
+async def _run_agent(stage: AgentStage, ctx: StageContext) -> dict[str, Any]:
+    from multilane.agents import run_agent
+
+    task = ctx.render(stage.task)
+    agent = ctx.resources.agent(stage.agent)
+
+    async def on_step(step: AgentStep) -> None:
+        await ctx.emit("agent_step", agent=agent.name, step=step.to_dict())
+
+    result = await run_agent(agent, task, ctx.resources, on_step=on_step if ctx.sink is not None else None)
+    return result.to_dict()
+
+
+async def run_for_each(stage: _StageBase, ctx: StageContext, runner: StageRunner) -> dict[str, Any]:
+    """Run a stage once per element of its for_each list, at most max_concurrency at a time, results in order.
+
+    on_error: `fail` fails the stage at the first failed item (cancelling the rest); `skip` leaves failed items
+    out of `items`; `collect` keeps them in place as {"error", "item"}. Both list failures under `errors`.
+    """
+    source = stage.for_each_source()
+    assert source is not None
+    values = evaluate(source, inputs=ctx.inputs, stages=ctx.stages)
+    if not isinstance(values, list | tuple):
+        raise TemplateError(f"for_each must give a list, got {_describe(values)}")
+    missing = object()
+    results: list[Any] = [missing] * len(values)
+    errors: list[dict[str, Any]] = []
+    failed: list[ItemError] = []
+    limiter = anyio.CapacityLimiter(stage.max_concurrency)
+
+    async def one(index: int, item: Any, scope: anyio.CancelScope) -> None:
+        async with limiter:
+            try:
+                results[index] = await runner(stage, dataclasses.replace(ctx, item=item, item_index=index))
+            except Exception as exc:
+                if not isinstance(exc, MultilaneError):
+                    log.exception("for_each item crashed", stage=ctx.stage, item=index)
+                    exc = EngineError(f"{type(exc).__name__}: {exc}")
+                error = ItemError(index, len(values), item, exc)
+                if stage.on_error == "fail":
+                    failed.append(error)
+                    scope.cancel()
+                    return
+                log.warning("for_each item failed", stage=ctx.stage, item=index, error=str(exc))
+                errors.append({"index": index, "item": item, "error": str(exc)})
+
+    async with anyio.create_task_group() as tg:
+        for index, item in enumerate(values):
+            tg.start_soon(one, index, item, tg.cancel_scope)
+    if failed:
+        raise failed[0]
+    if stage.on_error == "collect":
+        by_index = {e["index"]: e for e in errors}
+        items = [r if r is not missing else {"error": by_index[i]["error"], "item": values[i]}
+                 for i, r in enumerate(results)]
+    else:
+        items = [r for r in results if r is not missing]
+    return {"items": items, "count": len(items), "errors": sorted(errors, key=lambda e: e["index"])}
+
+
 def parse_json_output(text: str, schema: dict[str, Any], *, finish_reason: str | None = None) -> Any:
     """Parse a constrained output and validate it against its schema; a violation is an error, never passed on."""
     try:
@@ -203,6 +276,7 @@ RUNNERS: dict[str, StageRunner] = {
     "retrieve": _run_retrieve,
     "reason": _run_reason,
     "tool_call": _run_tool_call,
+    "agent": _run_agent,
 }
 
 
@@ -235,7 +309,8 @@ async def execute(name: str, pipeline: PipelineSpec, inputs: Mapping[str, Any], 
         t0 = time.perf_counter()
         try:
             with anyio.fail_after(stage.timeout_seconds):
-                result = await RUNNERS[stage.kind](stage, ctx)
+                runner = RUNNERS[stage.kind]
+                result = await (runner(stage, ctx) if stage.for_each is None else run_for_each(stage, ctx, runner))
         except Exception as exc:
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"timed out after {stage.timeout_seconds:g}s (the stage's timeout)")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
@@ -17,6 +18,9 @@ from multilane.errors import TemplateError
 
 ROOTS: tuple[str, ...] = ("inputs", "stages")
 """The names a template can read."""
+
+ITEM = "item"
+"""The extra name a `for_each` stage's templates can read: the list element the stage runs for."""
 
 ANY = "*"
 """The attribute reported by `template_reads` when a root is read without a fixed name."""
@@ -162,13 +166,61 @@ def template_reads(source: str) -> set[tuple[str, str]]:
     return reads
 
 
-def render(source: str, *, inputs: Mapping[str, Any], stages: Mapping[str, Any]) -> str:
-    """Render a template with the run's inputs and finished stages; raises TemplateError on any failure."""
-    template = compile_template(source)
+NO_ITEM: Any = object()
+_EXPRESSION = re.compile(r"\s*\{\{(.*)\}\}\s*", re.DOTALL)
+
+
+def expression_source(source: str) -> str:
+    """The Jinja expression of `{{ expression }}` (or of a bare expression), without the braces."""
+    match = _EXPRESSION.fullmatch(source)
+    inner = match.group(1) if match else source
+    if "{{" in inner or "}}" in inner or "{%" in inner:
+        raise TemplateError(f"expected one expression like '{{{{ stages.plan.json.items }}}}', got {source!r}")
+    if not inner.strip():
+        raise TemplateError("expected an expression like '{{ stages.plan.json.items }}', got nothing")
+    return inner.strip()
+
+
+@lru_cache(maxsize=256)
+def compile_expression(source: str) -> Callable[..., Any]:
+    """Compile an expression (`{{ ... }}` or bare) in the sandbox; raises TemplateError on bad syntax."""
+    inner = expression_source(source)
+    try:
+        return environment.compile_expression(inner, undefined_to_none=False)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(_syntax_message(exc)) from exc
+
+
+def evaluate(source: str, *, inputs: Mapping[str, Any], stages: Mapping[str, Any]) -> Any:
+    """Evaluate an expression to a value (not a string), with the run's inputs and finished stages."""
+    expression = compile_expression(source)
     labels: dict[int, str] = {id(inputs): "inputs", id(stages): "stages"}
     token = _LABELS.set(labels)
     try:
-        return template.render(inputs=inputs, stages=stages)
+        value = expression(inputs=inputs, stages=stages)
+        if isinstance(value, jinja2.Undefined):
+            value._fail_with_undefined_error()
+        return value
+    except SecurityError as exc:
+        raise TemplateError(f"template tried to reach an unsafe attribute: {exc}") from exc
+    except jinja2.UndefinedError as exc:
+        raise TemplateError(str(exc)) from exc
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"template failed: {exc}") from exc
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+        raise TemplateError(f"template failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        _LABELS.reset(token)
+
+
+def render(source: str, *, inputs: Mapping[str, Any], stages: Mapping[str, Any], item: Any = NO_ITEM) -> str:
+    """Render a template with the run's inputs and finished stages (and `item` in a for_each stage)."""
+    template = compile_template(source)
+    labels: dict[int, str] = {id(inputs): "inputs", id(stages): "stages"}
+    token = _LABELS.set(labels)
+    extra = {} if item is NO_ITEM else {ITEM: item}
+    try:
+        return template.render(inputs=inputs, stages=stages, **extra)
     except SecurityError as exc:
         raise TemplateError(f"template tried to reach an unsafe attribute: {exc}") from exc
     except jinja2.UndefinedError as exc:

@@ -1,0 +1,738 @@
+"""Agents: typed tools, the schema-constrained tool-call loop, agents as tools of agents, and agents/ loading."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import re
+import sys
+import time
+import traceback
+import types
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, get_type_hints, overload
+
+import anyio
+import jsonschema
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic.fields import FieldInfo
+
+from multilane.engines.base import Completion, Message, SamplingOptions
+from multilane.errors import AgentStepLimitError, MultilaneError, OutputValidationError, SpecError
+
+if TYPE_CHECKING:
+    from multilane.retrieval import OpenedIndex
+    from multilane.spec import Spec
+
+__all__ = [
+    "Agent",
+    "AgentContext",
+    "AgentResult",
+    "AgentRuntime",
+    "AgentStep",
+    "Tool",
+    "ToolCall",
+    "load_agents",
+    "run_agent",
+    "tool",
+]
+
+log = structlog.get_logger(__name__)
+
+MAX_DEPTH = 8  # agents calling agents calling agents...
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+class AgentRuntime(Protocol):
+    """What an agent run needs: generation with a declared model, and declared indexes for tools."""
+
+    async def generate(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
+                       *, truncate: bool = False) -> Completion: ...
+
+    async def index(self, name: str) -> OpenedIndex: ...
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What a tool receives when one of its parameters is annotated `AgentContext`: the runtime and the run."""
+
+    runtime: AgentRuntime
+    agent: Agent
+    run_id: str
+    depth: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+
+def _doc_sections(doc: str) -> tuple[str, dict[str, str]]:
+    """Split a docstring into its summary and the per-argument descriptions of a Google-style "Args:" section."""
+    summary: list[str] = []
+    args: dict[str, str] = {}
+    section: str | None = None
+    current: str | None = None
+    indent: int | None = None
+    for line in doc.splitlines():
+        stripped = line.strip()
+        header = re.fullmatch(r"(Args|Arguments|Parameters|Returns|Raises|Yields|Examples?|Notes?):", stripped)
+        if header:
+            section = header.group(1)
+            current = None
+            indent = None
+            continue
+        if section is None:
+            summary.append(stripped)
+        elif section in ("Args", "Arguments", "Parameters") and stripped:
+            spaces = len(line) - len(line.lstrip())
+            match = re.fullmatch(r"\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)", stripped)
+            if match and (indent is None or spaces <= indent):
+                indent = spaces
+                current = match.group(1)
+                args[current] = match.group(2).strip()
+            elif current is not None:
+                args[current] = f"{args[current]} {stripped}".strip()
+    text = " ".join(part for part in " ".join(summary).split("  ") if part).strip()
+    return " ".join(text.split()), args
+
+
+def _inline(schema: Any, defs: Mapping[str, Any], seen: tuple[str, ...] = ()) -> Any:
+    """Resolve `$ref`s into their definitions and drop titles, so the schema is small and self-contained."""
+    if isinstance(schema, list):
+        return [_inline(item, defs, seen) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:
+        ref = str(schema["$ref"]).rsplit("/", 1)[-1]
+        if ref in seen:
+            raise TypeError(f"recursive type '{ref}' cannot be a tool argument")
+        rest = {k: v for k, v in schema.items() if k != "$ref"}
+        return {**_inline(defs[ref], defs, (*seen, ref)), **_inline(rest, defs, seen)}
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("title", "$defs"):
+            continue
+        if key in ("properties", "patternProperties") and isinstance(value, dict):
+            out[key] = {name: _inline(sub, defs, seen) for name, sub in value.items()}
+        elif key == "default" or key == "examples" or key == "const" or key == "enum":
+            out[key] = value
+        else:
+            out[key] = _inline(value, defs, seen)
+    return out
+
+
+def json_schema_of(adapter: TypeAdapter[Any] | type[BaseModel]) -> dict[str, Any]:
+    """A pydantic type's JSON schema with references inlined and titles dropped."""
+    schema = adapter.model_json_schema() if isinstance(adapter, type) else adapter.json_schema()
+    inlined: dict[str, Any] = _inline(schema, schema.get("$defs", {}))
+    return inlined
+
+
+class Tool:
+    """A function an agent can call, with the JSON schema of its arguments taken from its signature and docstring."""
+
+    def __init__(self, fn: Callable[..., Any], *, name: str | None = None, description: str | None = None) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        if not _NAME.fullmatch(self.name):
+            raise ValueError(f"tool name {self.name!r} must be a plain identifier (letters, digits, _ and -)")
+        summary, arg_docs = _doc_sections(inspect.getdoc(fn) or "")
+        self.description = description if description is not None else summary
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.indexes: tuple[str, ...] = ()  # declared indexes the tool searches, checked when the file loads
+        self.agent: Agent | None = None  # set when the tool runs a sub-agent
+        self._context_param: str | None = None
+        hints = get_type_hints(fn, include_extras=True)
+        fields: dict[str, Any] = {}
+        for pname, param in inspect.signature(fn).parameters.items():
+            if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                raise TypeError(f"tool '{self.name}': *args and **kwargs cannot be described to a model")
+            annotation = hints.get(pname)
+            if annotation is AgentContext:
+                self._context_param = pname
+                continue
+            if annotation is None:
+                raise TypeError(f"tool '{self.name}': annotate parameter '{pname}' so its schema is known")
+            info: FieldInfo = param.default if isinstance(param.default, FieldInfo) else Field(
+                default=... if param.default is inspect.Parameter.empty else param.default)
+            if pname in arg_docs and info.description is None and not _described(annotation):
+                annotation = Annotated[annotation, Field(description=arg_docs[pname])]
+            fields[pname] = (annotation, info)
+        self.args_model: type[BaseModel] = create_model(  # type: ignore[call-overload]
+            f"{self.name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+        self.parameters: dict[str, Any] = json_schema_of(self.args_model)
+
+    def __repr__(self) -> str:
+        return f"Tool({self.name!r})"
+
+    def call_schema(self) -> dict[str, Any]:
+        """The JSON schema of one call of this tool: `{"tool": name, "arguments": {...}}`."""
+        return {"type": "object", "properties": {"tool": {"const": self.name}, "arguments": self.parameters},
+                "required": ["tool", "arguments"], "additionalProperties": False}
+
+    def signature(self) -> str:
+        """A compact line for a system prompt: `name(arg: type, ...): description`."""
+        props: dict[str, Any] = self.parameters.get("properties", {})
+        required = set(self.parameters.get("required", []))
+        args = []
+        notes = []
+        for name, sub in props.items():
+            kind = _type_name(sub)
+            args.append(f"{name}: {kind}" if name in required else f"{name}: {kind} = {json.dumps(sub.get('default'))}")
+            if sub.get("description"):
+                notes.append(f"{name}: {str(sub['description']).rstrip('.')}")
+        line = f"{self.name}({', '.join(args)})"
+        if self.description:
+            line += f": {self.description}"
+        if notes:
+            line += f" ({'; '.join(notes)})"
+        return line
+
+    def validate(self, arguments: Any) -> BaseModel:
+        """Validate arguments with pydantic; raises ValidationError."""
+        return self.args_model.model_validate(arguments)
+
+    async def invoke(self, arguments: BaseModel, ctx: AgentContext) -> Any:
+        """Call the function with validated arguments; a sync function runs in a worker thread."""
+        kwargs = {name: getattr(arguments, name) for name in type(arguments).model_fields}
+        if self._context_param is not None:
+            kwargs[self._context_param] = ctx
+        if self.is_async:
+            return await self.fn(**kwargs)
+        return await anyio.to_thread.run_sync(functools.partial(self.fn, **kwargs))
+
+
+def _described(annotation: Any) -> bool:
+    return any(isinstance(m, FieldInfo) and m.description for m in getattr(annotation, "__metadata__", ()))
+
+
+def _type_name(schema: Mapping[str, Any]) -> str:
+    if "enum" in schema:
+        return "|".join(json.dumps(v) for v in schema["enum"])
+    if "anyOf" in schema:
+        return "|".join(_type_name(s) for s in schema["anyOf"])
+    kind = schema.get("type", "any")
+    if kind == "object" and isinstance(schema.get("properties"), dict):
+        required = set(schema.get("required", []))
+        return "{" + ", ".join(f"{name}{'' if name in required else '?'}: {_type_name(sub)}"
+                               for name, sub in schema["properties"].items()) + "}"
+    if kind == "array":
+        return f"list[{_type_name(schema.get('items', {}))}]"
+    return {"string": "str", "integer": "int", "number": "float", "boolean": "bool", "null": "null"}.get(
+        str(kind), str(kind))
+
+
+@overload
+def tool(fn: Callable[..., Any], /) -> Tool: ...
+
+
+@overload
+def tool(*, name: str | None = None, description: str | None = None) -> Callable[[Callable[..., Any]], Tool]: ...
+
+
+def tool(fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
+         description: str | None = None) -> Tool | Callable[[Callable[..., Any]], Tool]:
+    """Turn a typed function (sync or async) into a Tool: `@tool` or `@tool(name=..., description=...)`."""
+    if fn is not None:
+        return Tool(fn, name=name, description=description)
+    return lambda f: Tool(f, name=name, description=description)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcripts
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call of an agent step: its arguments, the text the model got back, and its times."""
+
+    tool: str
+    arguments: Any
+    result: str
+    ok: bool
+    started: float
+    finished: float
+    error: str | None = None
+    sub: AgentResult | None = None  # the sub-agent's own run, when the tool is an agent
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the call."""
+        out: dict[str, Any] = {"tool": self.tool, "arguments": self.arguments, "result": self.result, "ok": self.ok,
+                               "error": self.error, "started": self.started, "finished": self.finished}
+        if self.sub is not None:
+            out["sub"] = self.sub.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class AgentStep:
+    """One generation of the loop: what the model wrote and what came of it (tool calls, an answer, a rejection)."""
+
+    index: int
+    kind: str  # "calls" | "answer" | "rejected"
+    output: str
+    prompt_tokens: int
+    completion_tokens: int
+    started: float
+    finished: float
+    calls: tuple[ToolCall, ...] = ()
+    answer: Any = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the step."""
+        return {"index": self.index, "kind": self.kind, "output": self.output, "answer": _jsonable(self.answer),
+                "error": self.error, "calls": [c.to_dict() for c in self.calls],
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "started": self.started, "finished": self.finished}
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """An agent run: its answer (None when it ran out of steps) and its transcript of steps."""
+
+    agent: str
+    run_id: str
+    task: str
+    answer: Any
+    steps: tuple[AgentStep, ...]
+    started: float
+    finished: float
+
+    @property
+    def seconds(self) -> float:
+        """How long the run took."""
+        return self.finished - self.started
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens over every step of this run (sub-agents not included)."""
+        return sum(s.prompt_tokens for s in self.steps)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Generated tokens over every step of this run (sub-agents not included)."""
+        return sum(s.completion_tokens for s in self.steps)
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """Every tool call of the run, in order."""
+        return [c for s in self.steps for c in s.calls]
+
+    @property
+    def transcript(self) -> list[dict[str, Any]]:
+        """The steps as JSON-ready dicts: outputs, tool calls with results and times, tokens."""
+        return [s.to_dict() for s in self.steps]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the run; the `agent` stage's result."""
+        return {"agent": self.agent, "run_id": self.run_id, "task": self.task, "answer": _jsonable(self.answer),
+                "steps": len(self.steps), "transcript": self.transcript, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "seconds": round(self.seconds, 3),
+                "started": self.started, "finished": self.finished}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Agents
+
+
+class Agent:
+    """An agent: a model, instructions and tools, looped step by step (each step schema-constrained) to an answer.
+
+    Options for weak models: `first_step_calls` (the first step must make this many calls), `max_tool_steps`
+    (after that many steps with calls the next must answer), `parallel_calls` (calls one step may make at once).
+    """
+
+    def __init__(self, name: str, model: str, instructions: str = "", tools: Sequence[Tool | Agent] = (), *,
+                 max_steps: int = 8, output_type: Any = None, description: str | None = None,
+                 first_step_calls: int = 0, max_tool_steps: int | None = None, parallel_calls: int = 1,
+                 tool_retries: int = 2, max_tokens: int = 256, max_answer_chars: int | None = 600,
+                 max_result_chars: int = 1500, temperature: float = 0.0) -> None:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"agent name {name!r} must be a plain identifier (letters, digits, _ and -)")
+        self.name = name
+        self.model = model
+        self.instructions = instructions
+        self.description = description or f"Ask the {name} agent to do a task."
+        self.tools: tuple[Tool, ...] = tuple(t.as_tool() if isinstance(t, Agent) else t for t in tools)
+        names = [t.name for t in self.tools]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"agent '{name}': two tools are named '{duplicated[0]}'")
+        for value, label, low in ((max_steps, "max_steps", 1), (parallel_calls, "parallel_calls", 1),
+                                  (first_step_calls, "first_step_calls", 0), (tool_retries, "tool_retries", 0),
+                                  (max_tokens, "max_tokens", 1), (max_result_chars, "max_result_chars", 1)):
+            if value < low:
+                raise ValueError(f"agent '{name}': {label} must be >= {low}, got {value}")
+        if first_step_calls and not self.tools:
+            raise ValueError(f"agent '{name}': first_step_calls needs at least one tool")
+        if first_step_calls > max(parallel_calls, 1):
+            raise ValueError(f"agent '{name}': first_step_calls ({first_step_calls}) exceeds "
+                             f"parallel_calls ({parallel_calls})")
+        self.max_steps = max_steps
+        self.output_type = output_type
+        self.first_step_calls = first_step_calls
+        self.max_tool_steps = max_tool_steps
+        self.parallel_calls = parallel_calls
+        self.tool_retries = tool_retries
+        self.max_tokens = max_tokens
+        self.max_answer_chars = max_answer_chars
+        self.max_result_chars = max_result_chars
+        self.temperature = temperature
+        self._answer_adapter: TypeAdapter[Any] | None = None if output_type is None else TypeAdapter(output_type)
+        if self._answer_adapter is None:
+            self.answer_schema: dict[str, Any] = {"type": "string"}
+            if max_answer_chars is not None:
+                self.answer_schema["maxLength"] = max_answer_chars
+        else:
+            self.answer_schema = json_schema_of(self._answer_adapter)
+        caller = sys._getframe(1)
+        self.defined_at = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+
+    def __repr__(self) -> str:
+        return f"Agent({self.name!r}, model={self.model!r}, tools={[t.name for t in self.tools]})"
+
+    def as_tool(self, name: str | None = None, description: str | None = None, *, max_task_chars: int = 300) -> Tool:
+        """This agent as a tool of another: it takes a task and returns this agent's answer."""
+        agent = self
+
+        async def run(ctx: AgentContext, task: str) -> AgentResult:
+            return await run_agent(agent, task, ctx.runtime, depth=ctx.depth + 1)
+
+        run.__annotations__ = {"ctx": AgentContext, "return": AgentResult, "task": Annotated[str, Field(
+            min_length=1, max_length=max_task_chars)]}
+        wrapped = Tool(run, name=name or self.name, description=description or self.description)
+        wrapped.agent = self
+        return wrapped
+
+    def answer(self, value: Any) -> Any:
+        """Validate a final answer against output_type (a string when there is none); raises ValidationError."""
+        if self._answer_adapter is None:
+            if not isinstance(value, str):
+                raise TypeError(f"expected a string answer, got {type(value).__name__}")
+            return value.strip()
+        return self._answer_adapter.validate_python(value)
+
+    def system_prompt(self) -> str:
+        """The compact system message: instructions, one line per tool, and the reply format."""
+        lines = [self.instructions.strip()] if self.instructions.strip() else []
+        if self.tools:
+            lines.append("Tools:")
+            lines.extend(f"- {t.signature()}" for t in self.tools)
+            many = ', {"calls": [call, ...]} for several at once' if self.parallel_calls > 1 else ""
+            lines.append('Reply with JSON: {"tool": name, "arguments": {...}} to call a tool' + many +
+                         ', or {"answer": ...} when done.')
+        else:
+            lines.append('Reply with JSON: {"answer": ...}.')
+        return "\n".join(lines)
+
+    def step_schema(self, *, first: bool, tools: Sequence[Tool], may_call: bool) -> dict[str, Any]:
+        """The one JSON schema a step is generated under: allowed tool calls and/or the final answer."""
+        answer = {"type": "object", "properties": {"answer": self.answer_schema}, "required": ["answer"],
+                  "additionalProperties": False}
+        if not tools or not may_call:
+            return answer
+        single = [t.call_schema() for t in tools]
+        one: dict[str, Any] = single[0] if len(single) == 1 else {"anyOf": single}
+
+        def many(low: int, high: int) -> dict[str, Any]:
+            return {"type": "object", "properties": {"calls": {"type": "array", "items": one, "minItems": low,
+                                                                "maxItems": high}},
+                    "required": ["calls"], "additionalProperties": False}
+
+        if first and self.first_step_calls > 1:
+            return many(self.first_step_calls, self.first_step_calls)
+        if first and self.first_step_calls == 1:
+            return one
+        options = [*single]
+        if self.parallel_calls > 1:
+            options.append(many(1, self.parallel_calls))
+        options.append(answer)
+        return {"anyOf": options}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+StepCallback = Callable[[AgentStep], Awaitable[None]]
+
+
+def _format_result(value: Any, limit: int) -> str:
+    if isinstance(value, AgentResult):
+        value = value.answer
+    if isinstance(value, BaseModel):
+        text = value.model_dump_json()
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(_jsonable(value), default=str)
+    if len(text) > limit:
+        text = text[:limit] + " ...(cut)"
+    return text
+
+
+def _parse_step(agent: Agent, step: int, done: Completion, schema: dict[str, Any],
+                available: Sequence[Tool]) -> dict[str, Any]:
+    """Parse and check a step's output; an engine that ignored the schema is an OutputValidationError."""
+    where = f"agent '{agent.name}' step {step}"
+    try:
+        value = json.loads(done.text)
+    except ValueError as exc:
+        hint = " (it hit max_tokens before the JSON closed; raise the agent's max_tokens)" \
+            if done.finish_reason == "length" else ""
+        raise OutputValidationError(f"{where}: model output is not valid JSON{hint}: {exc}; "
+                                    f"output: {done.text[:200]!r}") from exc
+    names = [t.name for t in available]
+    calls = value.get("calls") if isinstance(value, dict) else None
+    for call in calls if isinstance(calls, list) else [value]:
+        if isinstance(call, dict) and isinstance(call.get("tool"), str) and call["tool"] not in names:
+            known = ", ".join(names) or "none"
+            raise OutputValidationError(f"{where}: unknown tool '{call['tool']}' (tools now: {known})")
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        at = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise OutputValidationError(f"{where}: model output does not match the step schema at {at}: "
+                                    f"{exc.message}; output: {done.text[:200]!r}") from exc
+    if not isinstance(value, dict):
+        raise OutputValidationError(f"{where}: expected a JSON object, got {done.text[:200]!r}")
+    return value
+
+
+async def _call_tool(tool_: Tool, arguments: Any, ctx: AgentContext, limit: int) -> ToolCall:
+    started = time.perf_counter()
+    try:
+        parsed = tool_.validate(arguments)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}"
+                             for e in exc.errors())
+        error = f"invalid arguments: {problems}"
+        return ToolCall(tool_.name, arguments, f"{tool_.name} failed: {error}", False, started,
+                        time.perf_counter(), error)
+    try:
+        value = await tool_.invoke(parsed, ctx)
+    except Exception as exc:  # a tool failure goes back to the model; it never ends the run
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("tool failed", tool=tool_.name, error=error)
+        return ToolCall(tool_.name, arguments, f"{tool_.name} failed: {error}"[:limit], False, started,
+                        time.perf_counter(), error)
+    sub = value if isinstance(value, AgentResult) else None
+    return ToolCall(tool_.name, arguments, _format_result(value, limit), True, started, time.perf_counter(),
+                    sub=sub)
+
+
+async def _call_tools(wanted: Sequence[dict[str, Any]], available: Sequence[Tool], ctx: AgentContext,
+                      limit: int) -> tuple[ToolCall, ...]:
+    """Make a step's calls; several calls run at the same time in one task group, their results kept in order."""
+    by_name = {t.name: t for t in available}
+    calls: list[ToolCall | None] = [None] * len(wanted)
+
+    async def one(i: int, call: dict[str, Any]) -> None:
+        calls[i] = await _call_tool(by_name[call["tool"]], call["arguments"], ctx, limit)
+
+    async with anyio.create_task_group() as tg:
+        for i, call in enumerate(wanted):
+            tg.start_soon(one, i, call)
+    return tuple(c for c in calls if c is not None)
+
+
+async def run_agent(agent: Agent, task: str, runtime: AgentRuntime, *, depth: int = 0, run_id: str | None = None,
+                    on_step: StepCallback | None = None) -> AgentResult:
+    """Loop an agent to an answer; raises AgentStepLimitError (with the transcript) when it runs out of steps."""
+    if depth > MAX_DEPTH:
+        raise MultilaneError(f"agent '{agent.name}': agents nest deeper than {MAX_DEPTH} levels")
+    run_id = run_id or uuid.uuid4().hex[:12]
+    ctx = AgentContext(runtime, agent, run_id, depth)
+    messages: list[Message] = [{"role": "system", "content": agent.system_prompt()},
+                               {"role": "user", "content": task}]
+    steps: list[AgentStep] = []
+    failures: Counter[str] = Counter()
+    tool_steps = 0
+    started = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(agent=agent.name, agent_run=run_id):
+        log.info("agent started", model=agent.model, task=task[:200], depth=depth)
+        for index in range(agent.max_steps):
+            available = [t for t in agent.tools if failures[t.name] <= agent.tool_retries]
+            may_call = agent.max_tool_steps is None or tool_steps < agent.max_tool_steps
+            schema = agent.step_schema(first=index == 0, tools=available, may_call=may_call)
+            options = SamplingOptions(max_tokens=agent.max_tokens, temperature=agent.temperature, json_schema=schema)
+            t0 = time.perf_counter()
+            done = await runtime.generate(agent.model, messages, options)
+            value = _parse_step(agent, index + 1, done, schema, available)
+            messages.append({"role": "assistant", "content": done.text})
+            tokens = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
+            pt, ct = done.prompt_tokens, done.completion_tokens
+            if "answer" in value:
+                try:
+                    answer = agent.answer(value["answer"])
+                except (ValidationError, TypeError) as exc:  # passed the schema, failed a validator: try again
+                    step = AgentStep(index + 1, "rejected", done.text, pt, ct, t0, time.perf_counter(),
+                                     error=f"answer rejected: {exc}")
+                    messages.append({"role": "user", "content": f"Your answer was rejected: {exc}"[:600]})
+                else:
+                    step = AgentStep(index + 1, "answer", done.text, pt, ct, t0, time.perf_counter(),
+                                     answer=answer)
+                    steps.append(step)
+                    log.info("agent step", step=step.index, kind="answer", **tokens)
+                    if on_step is not None:
+                        await on_step(step)
+                    result = AgentResult(agent.name, run_id, task, answer, tuple(steps), started, time.perf_counter())
+                    log.info("agent finished", steps=len(steps), seconds=round(result.seconds, 3),
+                             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                             transcript=result.transcript)
+                    return result
+            else:
+                wanted = value["calls"] if "calls" in value else [value]
+                made = await _call_tools(wanted, available, ctx, agent.max_result_chars)
+                tool_steps += 1
+                notes: list[str] = []
+                for call_ in made:
+                    if not call_.ok:
+                        failures[call_.tool] += 1
+                        if failures[call_.tool] > agent.tool_retries:
+                            notes.append(f"{call_.tool} failed too often and is no longer available.")
+                reply = "\n\n".join(f"[{i}] {c.result}" if len(made) > 1 else c.result
+                                    for i, c in enumerate(made, 1))
+                if made and all(c.ok for c in made) and len(made) == 1:
+                    reply = f"{made[0].tool} returned:\n{reply}"
+                if agent.max_tool_steps is not None and tool_steps >= agent.max_tool_steps:
+                    notes.append("Now give your answer.")
+                messages.append({"role": "user", "content": "\n".join([reply, *notes])})
+                step = AgentStep(index + 1, "calls", done.text, pt, ct, t0, time.perf_counter(),
+                                 calls=made)
+            steps.append(step)
+            log.info("agent step", step=step.index, kind=step.kind, error=step.error,
+                     calls=[{"tool": c.tool, "arguments": c.arguments, "ok": c.ok, "result": c.result[:200]}
+                            for c in step.calls], **tokens)
+            if on_step is not None:
+                await on_step(step)
+        result = AgentResult(agent.name, run_id, task, None, tuple(steps), started, time.perf_counter())
+        log.warning("agent ran out of steps", steps=len(steps), transcript=result.transcript)
+    raise AgentStepLimitError(
+        f"agent '{agent.name}' took its {agent.max_steps} steps without answering; raise max_steps, or read "
+        "the steps in the error's transcript", agent=agent.name, transcript=result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading agents from the project's agents/ folder and allow-listed modules
+
+
+def agents_folder(spec: Spec) -> Path | None:
+    """The folder of agent files: `agents.path` when set, else `agents/` beside the file, else `../agents`."""
+    declared = spec.file.agents
+    if declared is not None and declared.path is not None:
+        return spec.resolve_path(declared.path)
+    for candidate in (spec.base_dir / "agents", spec.base_dir.parent / "agents"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _import_error(exc: BaseException, file: Path) -> SpecError:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == file]
+    line = frames[-1].lineno if frames else getattr(exc, "lineno", None)
+    return SpecError(f"cannot load agents: {type(exc).__name__}: {exc}", file=str(file), line=line)
+
+
+def _collect(module: types.ModuleType, found: dict[str, Agent], origin: str) -> None:
+    for value in vars(module).values():
+        if not isinstance(value, Agent):
+            continue
+        other = found.get(value.name)
+        if other is not None and other is not value:
+            raise SpecError(f"agent '{value.name}' is defined twice: {other.defined_at} and {value.defined_at}",
+                            file=origin)
+        found[value.name] = value
+
+
+def load_agents(spec: Spec) -> dict[str, Agent]:
+    """Import the spec's agent files (and only its allow-listed modules) and return their agents by name."""
+    found: dict[str, Agent] = {}
+    declared = spec.file.agents
+    folder = agents_folder(spec)
+    if folder is not None and not folder.is_dir():
+        raise spec.error(f"agents folder not found: {folder}", ("agents", "path"))
+    if folder is not None:
+        folder = folder.resolve()
+        package = "multilane_agents_" + hashlib.sha256(str(folder).encode()).hexdigest()[:10]
+        if package not in sys.modules:  # the folder's files are modules of one package: `from .x import y` works
+            module = types.ModuleType(package, f"Agents under {folder}")
+            module.__path__ = [str(folder)]
+            sys.modules[package] = module
+        for file in sorted(folder.glob("*.py")):
+            if file.name.startswith("_"):
+                continue
+            try:
+                loaded = importlib.import_module(f"{package}.{file.stem}")
+            except SpecError:
+                raise
+            except Exception as exc:  # the user's file failed: say where
+                raise _import_error(exc, file) from None
+            _collect(loaded, found, str(file))
+    for i, name in enumerate(declared.allow_modules if declared is not None else []):
+        try:
+            loaded = importlib.import_module(name)
+        except Exception as exc:
+            raise spec.error(f"cannot import allowed module '{name}': {type(exc).__name__}: {exc}",
+                             ("agents", "allow_modules", i)) from None
+        _collect(loaded, found, spec.name)
+    return found
+
+
+def check_agent(agent: Agent, spec: Spec) -> list[str]:
+    """What is wrong between an agent (and its sub-agents) and the pipeline file: models and indexes."""
+    problems: list[str] = []
+    seen: set[int] = set()
+
+    def visit(current: Agent) -> None:
+        if id(current) in seen:
+            return
+        seen.add(id(current))
+        where = f"agent '{current.name}' ({_short(current.defined_at)})"
+        model = spec.models.get(current.model)
+        if model is None:
+            problems.append(f"{where} uses unknown model '{current.model}' (declared: {', '.join(spec.models)})")
+        elif model.kind != "generate":
+            problems.append(f"{where} uses model '{current.model}', which is an {model.kind} model; "
+                            "an agent needs a generate model")
+        for t in current.tools:
+            for index in t.indexes:
+                if index not in spec.indexes:
+                    declared = ", ".join(spec.indexes) or "none"
+                    problems.append(f"{where} tool '{t.name}' searches unknown index '{index}' (declared: {declared})")
+            if t.agent is not None:
+                visit(t.agent)
+
+    visit(agent)
+    return problems
+
+
+def _short(origin: str) -> str:
+    path, _, line = origin.rpartition(":")
+    try:
+        shown = str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        shown = path
+    return f"{shown}:{line}"

