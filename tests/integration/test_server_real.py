@@ -215,7 +215,7 @@ def test_a_burst_past_the_queue_gets_503s_while_every_admitted_call_completes(se
 
 def test_a_disconnected_stream_frees_its_slot(server: Server) -> None:
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, timeout=60, json={
-            "model": "assistant", "max_tokens": 900, "stream": True,
+            "model": "assistant", "max_tokens": 900, "stream": True, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Write a very long story about the sea."}]}) as response:
         assert response.status_code == 200
         lines = response.iter_lines()

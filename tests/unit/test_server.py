@@ -111,6 +111,15 @@ async def call_asgi(app: Any, path: str, body: dict[str, Any], *, disconnect_aft
 # ---- OpenAI: chat completions
 
 
+async def test_ignore_eos_reaches_the_engine_as_vllm_s_server_takes_it(serve: Any) -> None:
+    async with serve(assistant=FakeGenerateEngine("x")) as s:
+        r = await s.client.post("/v1/chat/completions", json=chat(max_tokens=8, ignore_eos=True))
+        plain = await s.client.post("/v1/completions", json={"model": "assistant", "prompt": "hi"})
+        options = [call.options.ignore_eos for call in s.engines["assistant"].calls]
+    assert r.status_code == 200 and plain.status_code == 200
+    assert options == [True, False]
+
+
 async def test_chat_completion_returns_the_reply_usage_and_finish_reason(serve: Any) -> None:
     async with serve(assistant=FakeGenerateEngine("The answer is 42")) as s:
         r = await s.client.post("/v1/chat/completions", json=chat(max_tokens=16, temperature=0.5, top_p=0.9,

@@ -68,13 +68,14 @@ def declared_model(runtime: Runtime, name: str, kind: str) -> ModelSpec:
 
 def sampling(request: Request, *, max_tokens: int | None, temperature: float | None, top_p: float | None,
              stop: str | list[str] | None, seed: int | None,
-             json_schema: dict[str, Any] | None = None) -> SamplingOptions:
+             json_schema: dict[str, Any] | None = None, ignore_eos: bool = False) -> SamplingOptions:
     """Sampling options from a request's fields; what is not given takes the server's defaults."""
     default_max: int = request.app.state.default_max_tokens
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     return SamplingOptions(max_tokens=max_tokens or default_max,
                            temperature=0.0 if temperature is None else temperature,
-                           top_p=1.0 if top_p is None else top_p, stop=stops, seed=seed, json_schema=json_schema)
+                           top_p=1.0 if top_p is None else top_p, stop=stops, seed=seed, json_schema=json_schema,
+                           ignore_eos=ignore_eos)
 
 
 def _default(value: Any) -> Any:

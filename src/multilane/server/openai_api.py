@@ -136,6 +136,7 @@ class _Sampled(_Open):
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -299,7 +300,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         schema = plan.schema
     options = sampling(request, max_tokens=body.max_completion_tokens or body.max_tokens,
                        temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
-                       json_schema=schema)
+                       json_schema=schema, ignore_eos=body.ignore_eos)
     reply_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = now()
     if body.stream:
@@ -368,7 +369,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     declared_model(rt, body.model, "generate")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     options = sampling(request, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                       stop=body.stop, seed=body.seed)
+                       stop=body.stop, seed=body.seed, ignore_eos=body.ignore_eos)
     reply_id = f"cmpl-{uuid.uuid4().hex}"
     created = now()
 
