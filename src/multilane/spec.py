@@ -159,19 +159,19 @@ class ModelSpec(_Model):
     keep_alive: Duration = "5m"
     preload: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=64, ge=1)
     batch_wait: Duration = "2ms"  # embedding micro-batch: how long the first call waits for others
     engine: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _kind_defaults(cls, data: Any) -> Any:
-        # A generate lane decodes 8 sequences over 2048 tokens; an embedding lane admits 64 calls at once,
-        # which its micro-batcher turns into a few encodes.
+        # A generate lane decodes 8 sequences over 2048 tokens; an embedding lane admits 256 calls at once,
+        # which its micro-batcher turns into a few encodes of up to batch_size texts.
         if isinstance(data, dict) and data.get("kind") == "generate":
             return {"context": 2048, "parallel": 8, **data}
         if isinstance(data, dict) and data.get("kind") == "embedding":
-            return {"parallel": 64, **data}
+            return {"parallel": 256, **data}
         return data
 
     @property

@@ -208,5 +208,5 @@ def test_ps_json_lists_lanes_and_usage(cli: CliRunner, tmp_path: Path, fake_mode
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [lane["name"] for lane in data["lanes"]] == ["embedder"]
-    assert data["lanes"][0]["slots"] == 64
+    assert data["lanes"][0]["slots"] == 256  # an embedding lane admits 256 calls by default
     assert data["usage"]["loaded"] == 1

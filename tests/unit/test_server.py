@@ -420,7 +420,7 @@ async def test_ollama_embed_ps_and_tags(serve: Any) -> None:
     (model,) = ps["models"]
     assert model["name"] == model["model"] == "embedder"
     assert {"size", "size_vram", "expires_at", "details", "digest"} <= model.keys()
-    assert model["multilane"]["slots"] == 64
+    assert model["multilane"]["slots"] == 256
     assert ps["usage"]["loaded"] == 1
     assert {m["name"] for m in tags["models"]} == {"assistant", "embedder"}
 
