@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
@@ -191,16 +192,12 @@ def compile_expression(source: str) -> Callable[..., Any]:
         raise TemplateError(_syntax_message(exc)) from exc
 
 
-def evaluate(source: str, *, inputs: Mapping[str, Any], stages: Mapping[str, Any]) -> Any:
-    """Evaluate an expression to a value (not a string), with the run's inputs and finished stages."""
-    expression = compile_expression(source)
-    labels: dict[int, str] = {id(inputs): "inputs", id(stages): "stages"}
-    token = _LABELS.set(labels)
+@contextmanager
+def _rendering(inputs: Mapping[str, Any], stages: Mapping[str, Any]) -> Iterator[None]:
+    """Label the run's values for error messages, and turn whatever a template raises into a TemplateError."""
+    token = _LABELS.set({id(inputs): "inputs", id(stages): "stages"})
     try:
-        value = expression(inputs=inputs, stages=stages)
-        if isinstance(value, jinja2.Undefined):
-            value._fail_with_undefined_error()
-        return value
+        yield
     except SecurityError as exc:
         raise TemplateError(f"template tried to reach an unsafe attribute: {exc}") from exc
     except jinja2.UndefinedError as exc:
@@ -211,23 +208,21 @@ def evaluate(source: str, *, inputs: Mapping[str, Any], stages: Mapping[str, Any
         raise TemplateError(f"template failed: {type(exc).__name__}: {exc}") from exc
     finally:
         _LABELS.reset(token)
+
+
+def evaluate(source: str, *, inputs: Mapping[str, Any], stages: Mapping[str, Any]) -> Any:
+    """Evaluate an expression to a value (not a string), with the run's inputs and finished stages."""
+    expression = compile_expression(source)
+    with _rendering(inputs, stages):
+        value = expression(inputs=inputs, stages=stages)
+        if isinstance(value, jinja2.Undefined):
+            value._fail_with_undefined_error()
+        return value
 
 
 def render(source: str, *, inputs: Mapping[str, Any], stages: Mapping[str, Any], item: Any = NO_ITEM) -> str:
     """Render a template with the run's inputs and finished stages (and `item` in a for_each stage)."""
     template = compile_template(source)
-    labels: dict[int, str] = {id(inputs): "inputs", id(stages): "stages"}
-    token = _LABELS.set(labels)
     extra = {} if item is NO_ITEM else {ITEM: item}
-    try:
+    with _rendering(inputs, stages):
         return template.render(inputs=inputs, stages=stages, **extra)
-    except SecurityError as exc:
-        raise TemplateError(f"template tried to reach an unsafe attribute: {exc}") from exc
-    except jinja2.UndefinedError as exc:
-        raise TemplateError(str(exc)) from exc
-    except jinja2.TemplateError as exc:
-        raise TemplateError(f"template failed: {exc}") from exc
-    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
-        raise TemplateError(f"template failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        _LABELS.reset(token)
