@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from multilane import Runtime, Spec, parse_spec
@@ -76,3 +78,27 @@ async def real_runtime(real_spec: Spec, tmp_path_factory: pytest.TempPathFactory
     """One runtime for the session: loading vLLM costs ~20 s, so the tests share its lanes."""
     async with Runtime(real_spec, index_root=tmp_path_factory.mktemp("indexes")) as rt:
         yield rt
+
+
+def leftover_processes(session: int, *, wait: float = 10.0) -> list[psutil.Process]:
+    """Processes of a finished command's session (it ran with start_new_session) still alive after `wait` s.
+
+    A child may take a moment to notice its parent is gone (vLLM's workers, the multiprocessing resource
+    tracker); what is still running after that was left behind.
+    """
+
+    def of_session(proc: psutil.Process) -> bool:
+        try:
+            return os.getsid(proc.pid) == session and proc.status() != psutil.STATUS_ZOMBIE
+        except (OSError, psutil.Error):
+            return False
+
+    found = [proc for proc in psutil.process_iter() if of_session(proc)]
+    _, alive = psutil.wait_procs(found, timeout=wait)
+    return [proc for proc in alive if of_session(proc)]
+
+
+@pytest.fixture
+def leftovers() -> Callable[..., list[psutil.Process]]:
+    """`leftover_processes`, for tests that check a command left nothing running."""
+    return leftover_processes

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
-
-import psutil
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "multilane.cli"]
 
 
-def test_cli_runs_the_example_rag_pipeline_and_leaves_no_process_behind() -> None:
+def test_cli_runs_the_example_rag_pipeline_and_leaves_no_process_behind(leftovers: Any) -> None:
     proc = subprocess.Popen(
         [*CLI, "run", "pipelines/rag.yaml", "ask", "--input", "question=Who built the lighthouse at Cape Orrin?"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -24,9 +22,8 @@ def test_cli_runs_the_example_rag_pipeline_and_leaves_no_process_behind() -> Non
     assert "Passages used:" in out
     assert "history/cape-orrin-lighthouse.md" in out
     assert "Traceback" not in err
-    leftovers = [p for p in psutil.process_iter(["pid", "status"])
-                 if _session(p.pid) == proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE]  # zombies have exited
-    assert leftovers == [], f"engine processes outlived the CLI: {leftovers}"
+    remaining = leftovers(proc.pid)
+    assert remaining == [], f"engine processes outlived the CLI: {remaining}"
 
 
 def test_cli_reports_a_spec_error_with_file_and_line_and_no_traceback(tmp_path: Path) -> None:
@@ -42,9 +39,3 @@ def test_cli_reports_a_spec_error_with_file_and_line_and_no_traceback(tmp_path: 
     assert f"rag.yaml:{line} pipelines.ask.stages.answer.model: unknown model 'asistant'" in done.stderr
     assert "Traceback" not in done.stderr
 
-
-def _session(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import ollama
 import openai
-import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,11 +62,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _session(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +251,7 @@ def test_a_prompt_longer_than_the_context_is_a_400_with_the_token_counts(server:
     assert "more than its context of 1024 tokens" in reply.json()["error"]["message"]
 
 
-def test_sigterm_finishes_in_flight_calls_then_exits_cleanly(server: Server) -> None:
+def test_sigterm_finishes_in_flight_calls_then_exits_cleanly(server: Server, leftovers: Any) -> None:
     """Runs last: it stops the module's server."""
     pieces: list[str] = []
     first = threading.Event()
@@ -280,7 +275,6 @@ def test_sigterm_finishes_in_flight_calls_then_exits_cleanly(server: Server) -> 
     assert pieces[-1] == "[DONE]"  # the in-flight call finished
     assert json.loads(pieces[-2])["choices"][0]["finish_reason"] in ("stop", "length")
     assert time.monotonic() - started < GRACE + 30
-    leftovers = [p for p in psutil.process_iter(["pid", "status"])
-                 if _session(p.pid) == server.proc.pid and p.info["status"] != psutil.STATUS_ZOMBIE]
-    assert leftovers == [], f"engine processes outlived the server: {leftovers}"
+    remaining = leftovers(server.proc.pid)
+    assert remaining == [], f"engine processes outlived the server: {remaining}"
     assert "Traceback" not in server.log.read_text()
