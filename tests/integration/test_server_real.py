@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,23 +208,32 @@ def test_a_burst_past_the_queue_gets_503s_while_every_admitted_call_completes(se
     assert 'multilane_time_to_first_token_seconds_count{model="assistant"}' in metrics
 
 
+def _busy(server: Server) -> tuple[int, list[dict[str, object]]]:
+    models = httpx.get(f"{server.url}/api/ps", headers=AUTH).json()["models"]
+    lane = next(m["multilane"] for m in models if m["name"] == "assistant")
+    return int(lane["busy"]), models
+
+
+def _wait_busy(server: Server, done: Callable[[int], bool], seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    busy, models = _busy(server)
+    while not done(busy):
+        assert time.monotonic() < deadline, f"slots did not reach the expected state: {models}"
+        time.sleep(0.1)
+        busy, models = _busy(server)
+    return busy
+
+
 def test_a_disconnected_stream_frees_its_slot(server: Server) -> None:
+    _wait_busy(server, lambda busy: busy == 0, 60)  # earlier tests' calls have all finished
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, timeout=60, json={
             "model": "assistant", "max_tokens": 900, "stream": True, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Write a very long story about the sea."}]}) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-        busy = httpx.get(f"{server.url}/api/ps", headers=AUTH).json()["models"]
-        assert any(m["multilane"]["busy"] == 1 for m in busy if m["name"] == "assistant")
-    deadline = time.monotonic() + 15
-    while True:
-        models = httpx.get(f"{server.url}/api/ps", headers=AUTH).json()["models"]
-        lane = next(m["multilane"] for m in models if m["name"] == "assistant")
-        if lane["busy"] == 0:
-            break
-        assert time.monotonic() < deadline, f"the slot was not freed: {lane}"
-        time.sleep(0.2)
+        assert _wait_busy(server, lambda busy: busy >= 1, 5) == 1  # our stream holds a slot
+    _wait_busy(server, lambda busy: busy == 0, 15)  # hanging up freed it, long before 900 tokens
 
     shown = subprocess.run([sys.executable, "-m", "multilane.cli", "ps", "--url", server.url, "--api-key", KEY],
                            capture_output=True, text=True, timeout=60)
