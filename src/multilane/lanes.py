@@ -31,6 +31,7 @@ from multilane.engines.base import (
     PreparingEngine,
     SamplingOptions,
     TokenizingEngine,
+    collect,
 )
 from multilane.errors import (
     ContextLengthError,
@@ -484,21 +485,7 @@ class Pool:
     async def generate(self, name: str, messages: Sequence[Message] | str, options: SamplingOptions, *,
                        truncate: bool = False, keep_alive: float | None = UNSET) -> Completion:
         """Generate a whole completion from a generate model (a str is a raw prompt)."""
-        started = time.perf_counter()
-        lane, prompt = await self._leased(
-            name, keep_alive, lambda lane: lane.prepare(messages, options.max_tokens, truncate=truncate))
-        try:
-            parts: list[str] = []
-            tokens = 0
-            finish: str | None = None
-            async with aclosing(lane._stream_in_slot(prompt, options, name, started)) as chunks:
-                async for chunk in chunks:
-                    parts.append(chunk.text)
-                    tokens += chunk.tokens
-                    finish = chunk.finish_reason or finish
-        finally:
-            lane.release()
-        return Completion("".join(parts), prompt.tokens or 0, tokens, finish)
+        return await collect(self.stream(name, messages, options, truncate=truncate, keep_alive=keep_alive))
 
     async def embed(self, name: str, texts: Sequence[str], *, keep_alive: float | None = UNSET) -> np.ndarray:
         """Embed texts with an embedding model."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -44,6 +45,23 @@ class Completion:
 
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+async def collect(chunks: AsyncGenerator[Chunk, None],
+                  on_text: Callable[[str], Awaitable[None]] | None = None) -> Completion:
+    """Gather a stream of chunks into a Completion, passing each piece of text to `on_text` as it comes."""
+    parts: list[str] = []
+    tokens = prompt_tokens = 0
+    finish: str | None = None
+    async with aclosing(chunks):  # leaving early (an error in on_text, a cancel) aborts the request at once
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            tokens += chunk.tokens
+            finish = chunk.finish_reason or finish
+            prompt_tokens = chunk.prompt_tokens or prompt_tokens
+            if on_text is not None and chunk.text:
+                await on_text(chunk.text)
+    return Completion("".join(parts), prompt_tokens, tokens, finish)
 
 
 @runtime_checkable

@@ -7,7 +7,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -16,7 +15,7 @@ import jsonschema
 import numpy as np
 import structlog
 
-from multilane.engines.base import Chunk, Completion, Message, SamplingOptions
+from multilane.engines.base import Chunk, Completion, Message, SamplingOptions, collect
 from multilane.errors import EngineError, ItemError, MultilaneError, OutputValidationError, StageError, TemplateError
 from multilane.pipeline.templates import NO_ITEM, evaluate, render
 from multilane.retrieval import OpenedIndex
@@ -147,20 +146,8 @@ async def _generate(stage: _GenerateStage, ctx: StageContext, options: SamplingO
     messages = _messages(stage, ctx)
     if ctx.sink is None:
         return await ctx.resources.generate(stage.model, messages, options, truncate=stage.truncate)
-    parts: list[str] = []
-    tokens = 0
-    finish: str | None = None
-    prompt_tokens = 0
-    async with aclosing(ctx.resources.generate_stream(stage.model, messages, options,
-                                                      truncate=stage.truncate)) as chunks:
-        async for chunk in chunks:
-            parts.append(chunk.text)
-            tokens += chunk.tokens
-            finish = chunk.finish_reason or finish
-            prompt_tokens = chunk.prompt_tokens or prompt_tokens
-            if chunk.text:
-                await ctx.emit("token", text=chunk.text)
-    return Completion("".join(parts), prompt_tokens, tokens, finish)
+    stream = ctx.resources.generate_stream(stage.model, messages, options, truncate=stage.truncate)
+    return await collect(stream, lambda text: ctx.emit("token", text=text))
 
 
 async def _run_embed(stage: EmbedStage, ctx: StageContext) -> dict[str, Any]:
