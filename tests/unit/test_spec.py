@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from multilane import load_spec, parse_spec
 from multilane.errors import InputError, SpecError, UnknownNameError
 from multilane.spec import (
     ModelSpec,
@@ -12,9 +13,7 @@ from multilane.spec import (
     RetrieveStage,
     Spec,
     ToolCallStage,
-    load_spec,
     parse_size,
-    parse_spec,
 )
 
 # Line numbers in the tests below refer to this file; keep it in step with them.
