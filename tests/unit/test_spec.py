@@ -244,11 +244,13 @@ def test_memory_budget_auto_means_no_fixed_bytes() -> None:
     assert spec.runtime.memory_budget_bytes is None
 
 
-@pytest.mark.parametrize("written", ["6 gigs", "-1", "0", "GiB", "true"])
+@pytest.mark.parametrize("written", ["6 gigs", "-1", "0", "GiB", "true", "5GiB extra", "8gbit", "1e3"])
 def test_bad_memory_budget_is_reported_at_its_line(written: str) -> None:
     with pytest.raises(SpecError) as caught:
         parse_spec(f"models:\n  a: {{kind: generate, source: x}}\nruntime:\n  memory_budget: {written}\n", "f.yaml")
     assert (caught.value.line, caught.value.field) == (4, "runtime.memory_budget")
+    if written not in ("-1", "0", "true"):  # YAML reads these as numbers and a bool
+        assert "use bytes or a number with a unit like '512MB', '6GiB'" in caught.value.reason
 
 
 def test_inputs_short_and_long_forms() -> None:
