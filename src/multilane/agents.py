@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, get_type_hints, overload
 
 import anyio
+import docstring_parser
 import jsonschema
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
@@ -69,33 +70,14 @@ class AgentContext:
 
 
 def _doc_sections(doc: str) -> tuple[str, dict[str, str]]:
-    """Split a docstring into its summary and the per-argument descriptions of a Google-style "Args:" section."""
-    summary: list[str] = []
-    args: dict[str, str] = {}
-    section: str | None = None
-    current: str | None = None
-    indent: int | None = None
-    for line in doc.splitlines():
-        stripped = line.strip()
-        header = re.fullmatch(r"(Args|Arguments|Parameters|Returns|Raises|Yields|Examples?|Notes?):", stripped)
-        if header:
-            section = header.group(1)
-            current = None
-            indent = None
-            continue
-        if section is None:
-            summary.append(stripped)
-        elif section in ("Args", "Arguments", "Parameters") and stripped:
-            spaces = len(line) - len(line.lstrip())
-            match = re.fullmatch(r"\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)", stripped)
-            if match and (indent is None or spaces <= indent):
-                indent = spaces
-                current = match.group(1)
-                args[current] = match.group(2).strip()
-            elif current is not None:
-                args[current] = f"{args[current]} {stripped}".strip()
-    text = " ".join(part for part in " ".join(summary).split("  ") if part).strip()
-    return " ".join(text.split()), args
+    """A docstring's summary and its per-argument descriptions, written Google, numpy or reST style."""
+    try:
+        parsed = docstring_parser.parse(doc)
+    except docstring_parser.ParseError:  # a docstring no style reads: all of it is the summary
+        return " ".join(doc.split()), {}
+    summary = " ".join(part for part in (parsed.short_description, parsed.long_description) if part)
+    args = {p.arg_name: " ".join((p.description or "").split()) for p in parsed.params}
+    return " ".join(summary.split()), args
 
 
 def _inline(schema: Any, defs: Mapping[str, Any], seen: tuple[str, ...] = ()) -> Any:

@@ -120,6 +120,58 @@ def test_tool_schema_comes_from_signature_docstring_and_fields() -> None:
     assert "$ref" not in json.dumps(schema) and "$defs" not in schema and "title" not in schema
 
 
+def test_numpy_and_rest_docstrings_describe_arguments_as_google_style_does() -> None:
+    def numpy_style(box: Box, color: Color = Color.RED) -> str:
+        """Paint a box.
+
+        Parameters
+        ----------
+        box : Box
+            the box to paint.
+        color : Color, optional
+            which paint
+            to use (two lines).
+        """
+        return ""
+
+    def rest_style(box: Box, color: Color = Color.RED) -> str:
+        """Paint a box.
+
+        :param box: the box to paint.
+        :param color: which paint
+            to use (two lines).
+        :returns: what was painted.
+        """
+        return ""
+
+    for fn in (numpy_style, rest_style):
+        made = tool(fn)
+        props = made.parameters["properties"]
+        assert made.description == "Paint a box."
+        assert props["box"]["description"] == paint.parameters["properties"]["box"]["description"]
+        assert props["color"]["description"] == "which paint to use (two lines)."
+
+
+def test_a_longer_docstring_is_all_description_until_its_sections() -> None:
+    def shelve(book: str) -> str:
+        """Put a book away.
+
+        It goes on the shelf by
+        its author's name.
+
+        Args:
+            book: the title.
+
+        Returns:
+            where it went.
+        """
+        return ""
+
+    made = tool(shelve)
+    assert made.description == "Put a book away. It goes on the shelf by its author's name."
+    assert made.parameters["properties"]["book"]["description"] == "the title."
+
+
 def test_context_parameter_is_injected_not_described() -> None:
     @tool(name="whoami", description="Say which agent runs.")
     async def who(ctx: AgentContext, shout: bool = False) -> str:
