@@ -455,14 +455,19 @@ StepCallback = Callable[[AgentStep], Awaitable[None]]
 
 
 def _format_result(value: Any, limit: int) -> str:
+    """The text the model reads for a tool's result: JSON, or the value's repr when JSON cannot show it."""
     if isinstance(value, AgentResult):
         value = value.answer
-    if isinstance(value, BaseModel):
-        text = value.model_dump_json()
-    elif isinstance(value, str):
-        text = value
-    else:
-        text = json.dumps(_jsonable(value), default=str)
+    try:
+        if isinstance(value, BaseModel):
+            text = value.model_dump_json()
+        elif isinstance(value, str):
+            text = value
+        else:
+            text = json.dumps(_jsonable(value), default=str)
+    except Exception as exc:  # tuple keys, a cycle, a field pydantic cannot dump: the tool worked, show its value
+        log.warning("tool result is not JSON; the model gets its repr", error=f"{type(exc).__name__}: {exc}")
+        text = repr(value)
     if len(text) > limit:
         text = text[:limit] + " ...(cut)"
     return text
@@ -513,9 +518,15 @@ async def _call_tool(tool_: Tool, arguments: Any, ctx: AgentContext, limit: int)
         log.warning("tool failed", tool=tool_.name, error=error)
         return ToolCall(tool_.name, arguments, f"{tool_.name} failed: {error}"[:limit], False, started,
                         time.perf_counter(), error)
+    try:
+        text = _format_result(value, limit)
+    except Exception as exc:  # not even its repr works: the model gets an error, as for a tool that raised
+        error = f"its result cannot be shown: {type(exc).__name__}: {exc}"
+        log.warning("tool failed", tool=tool_.name, error=error)
+        return ToolCall(tool_.name, arguments, f"{tool_.name} failed: {error}"[:limit], False, started,
+                        time.perf_counter(), error)
     sub = value if isinstance(value, AgentResult) else None
-    return ToolCall(tool_.name, arguments, _format_result(value, limit), True, started, time.perf_counter(),
-                    sub=sub)
+    return ToolCall(tool_.name, arguments, text, True, started, time.perf_counter(), sub=sub)
 
 
 async def _call_tools(wanted: Sequence[dict[str, Any]], available: Sequence[Tool], ctx: AgentContext,

@@ -289,6 +289,43 @@ async def test_a_failing_tool_feeds_its_error_back_and_is_withdrawn_after_its_re
     assert result.calls[0].error == "ValueError: no entry for 'w1'"
 
 
+async def test_a_result_json_cannot_show_reaches_the_model_as_its_repr(fake_runtime) -> None:
+    @tool
+    def pairs() -> dict[tuple[int, int], str]:
+        """Name some pairs."""
+        return {(1, 2): "near", (1, 9): "far"}  # json.dumps refuses tuple keys
+
+    engine = FakeGenerateEngine(script({"tool": "pairs", "arguments": {}}, {"answer": "done"}))
+    rt, _ = fake_runtime(MODEL, assistant=engine)
+    async with rt:
+        result = await rt.run_agent(Agent("pairer", "assistant", "", [pairs]), "name pairs")
+
+    assert result.answer == "done"
+    assert result.calls[0].ok and result.calls[0].result == "{(1, 2): 'near', (1, 9): 'far'}"
+    assert "pairs returned:\n{(1, 2): 'near', (1, 9): 'far'}" in engine.calls[1].prompt
+
+
+async def test_a_result_that_cannot_be_shown_at_all_is_a_tool_error_not_a_crash(fake_runtime) -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            raise RuntimeError("no view of me")
+
+    @tool
+    def grab() -> Any:
+        """Grab a thing."""
+        return {"thing": Opaque()}
+
+    engine = FakeGenerateEngine(script({"tool": "grab", "arguments": {}}, {"answer": "gave up"}))
+    rt, _ = fake_runtime(MODEL, assistant=engine)
+    async with rt:
+        result = await rt.run_agent(Agent("grabber", "assistant", "", [grab]), "grab it")
+
+    assert result.answer == "gave up"
+    assert not result.calls[0].ok
+    assert result.calls[0].error == "its result cannot be shown: RuntimeError: no view of me"
+    assert "grab failed: its result cannot be shown: RuntimeError: no view of me" in engine.calls[1].prompt
+
+
 async def test_an_unknown_tool_from_the_engine_is_rejected_clearly(fake_runtime) -> None:
     engine = FakeGenerateEngine(script({"tool": "rm_rf", "arguments": {}}))
     rt, _ = fake_runtime(MODEL, assistant=engine)
