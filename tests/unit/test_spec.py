@@ -539,6 +539,43 @@ def test_tool_call_needs_a_valid_json_schema() -> None:
         parse_spec(base, "f.yaml")
 
 
+TOOL_CALL = MINIMAL + (
+    "      c:\n        kind: tool_call\n        model: assistant\n        prompt: hi\n        schema:\n")
+
+
+@pytest.mark.parametrize(
+    ("schema", "line", "field", "reason"),
+    [
+        ("          type: object\n          properties:\n            city: {$ref: '#/$defs/City'}\n",
+         15, "properties.city.$ref", "$ref '#/$defs/City' does not resolve within the schema (define it under $defs)"),
+        ("          $ref: 'https://example.com/city.json'\n",
+         13, "$ref", "$ref 'https://example.com/city.json' does not resolve (a remote schema is never fetched"),
+        ("          type: object\n          properties:\n            unit: {enum: []}\n",
+         15, "properties.unit.enum", "enum is empty, so no value can match"),
+        ("          type: integer\n          minimum: 5\n          maximum: 1\n",
+         14, "minimum", "minimum (5) is greater than maximum (1), so no value can match"),
+        ("          type: object\n          properties: {a: {type: string}}\n          required: [a, b]\n"
+         "          additionalProperties: false\n",
+         15, "required", "property 'b' is required but may not be present"),
+    ],
+    ids=["unresolved-ref", "remote-ref", "empty-enum", "minimum-above-maximum", "required-but-not-allowed"],
+)
+def test_tool_call_schema_that_would_fail_only_at_run_time_is_refused_at_load(
+        schema: str, line: int, field: str, reason: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(TOOL_CALL + schema, "f.yaml")
+    assert (caught.value.line, caught.value.field) == (line, f"pipelines.p.stages.c.schema.{field}")
+    assert caught.value.reason.startswith(f"invalid JSON schema: {reason}")
+
+
+def test_tool_call_schema_with_local_definitions_loads() -> None:
+    schema = ("          $defs: {City: {type: string, minLength: 1}}\n          type: object\n"
+              "          properties:\n            city: {$ref: '#/$defs/City'}\n          required: [city]\n")
+    spec = parse_spec(TOOL_CALL + schema)
+    stage = spec.pipelines["p"].stages["c"]
+    assert isinstance(stage, ToolCallStage) and stage.json_schema["properties"]["city"] == {"$ref": "#/$defs/City"}
+
+
 # --- the YAML itself ---------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from multilane.server.common import (
     KeepAlive,
     LazyStreamResponse,
     abort_on_disconnect,
+    checked_schema,
     declared_model,
     dumps,
     json_response,
@@ -116,7 +117,7 @@ def _schema(fmt: Format) -> dict[str, Any] | None:
         return None
     if fmt == "json":
         return {"type": "object"}
-    return fmt  # type: ignore[return-value]
+    return checked_schema(fmt, "body.format")  # type: ignore[arg-type]
 
 
 def _options(request: Request, call: _Call) -> SamplingOptions:

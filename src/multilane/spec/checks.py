@@ -9,9 +9,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import jinja2
-import jsonschema  # type: ignore[import-untyped]
 
 from multilane.errors import TemplateError
+from multilane.json_schemas import schema_problem
 from multilane.pipeline.templates import ANY, ITEM, ROOTS, compile_expression, template_names, template_reads
 from multilane.spec.models import (
     EmbedStage,
@@ -119,11 +119,9 @@ class _Checker:
                 path,
             )
             return
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            at = path + tuple(exc.path)
-            self.add(f"invalid JSON schema: {exc.message}", at)
+        problem = schema_problem(schema)
+        if problem is not None:
+            self.add(f"invalid JSON schema: {problem.message}", path + problem.path)
 
     def check_template(self, source: str, path: KeyPath, pipeline: PipelineSpec, stage: str | None,
                        *, item: bool = False) -> None:
