@@ -74,7 +74,9 @@ async def plan_model(name: str, spec: Spec) -> LanePlan:
     if engine_kind not in ("local", "vllm"):
         raise spec.error(f"unknown engine kind '{engine_kind}' (kinds: vllm, remote)",
                          ("models", name, "engine", "kind"))
-    prepared = await anyio.to_thread.run_sync(lambda: resolve_source(model.source, base_dir=spec.base_dir))
+    source = model.source
+    assert source is not None  # only a remote model may leave it out, and the spec checks that
+    prepared = await anyio.to_thread.run_sync(lambda: resolve_source(source, base_dir=spec.base_dir))
     key = (prepared.identity, _settings_key(model))
     path = str(prepared.path)
     if model.kind == "embedding":
@@ -86,7 +88,7 @@ async def plan_model(name: str, spec: Spec) -> LanePlan:
                                                         batch_wait=model.batch_wait_seconds)
 
         weights = await anyio.to_thread.run_sync(_weights_bytes, prepared.path)
-        return LanePlan(key, "embedding", model.source, load_embedding, weights_bytes=weights,
+        return LanePlan(key, "embedding", source, load_embedding, weights_bytes=weights,
                         parallel=model.parallel)
 
     from multilane.engines.vllm import VLLMEngine
@@ -101,7 +103,7 @@ async def plan_model(name: str, spec: Spec) -> LanePlan:
         return await VLLMEngine.load(path, identity=prepared.identity, context=context, parallel=model.parallel,
                                      dtype=model.dtype, kv_cache_bytes=plan.kv_bytes, options=options)
 
-    plan = LanePlan(key, "generate", model.source, load_generate, weights_bytes=-(-cost.weights_bytes // shards),
+    plan = LanePlan(key, "generate", source, load_generate, weights_bytes=-(-cost.weights_bytes // shards),
                     kv_bytes_per_token=-(-cost.kv_bytes_per_token // shards), parallel=model.parallel,
                     context=context)
     return plan
@@ -228,7 +230,8 @@ class Runtime:
                 raise EngineError(f"the engine made for model '{name}' is not a {model.kind} engine")
             return engine
 
-        return LanePlan((model.source, _settings_key(model)), model.kind, model.source, load,
+        source = model.source or name  # a remote model may have no source
+        return LanePlan((source, _settings_key(model)), model.kind, source, load,
                         parallel=model.parallel, context=model.context)
 
     # ---- models

@@ -365,6 +365,16 @@ async def test_models_lists_declared_models(serve: Any) -> None:
     assert all(m["object"] == "model" for m in r.json()["data"])
 
 
+async def test_a_remote_model_without_a_source_is_listed_with_a_null_source(serve: Any) -> None:
+    spec = SPEC.replace("runtime:", "  far: {kind: generate, engine: {kind: remote, url: 'http://gpu:8000'}}\nruntime:")
+    async with serve(spec) as s:
+        openai = await s.client.get("/v1/models")
+        ollama = await s.client.get("/api/tags")
+    assert {m["id"]: m["source"] for m in openai.json()["data"]}["far"] is None
+    assert {m["name"]: m["source"] for m in ollama.json()["models"]} == {
+        "assistant": "./assistant", "embedder": "./embedder", "far": None}
+
+
 async def test_a_model_of_the_wrong_kind_is_a_400(serve: Any) -> None:
     async with serve() as s:
         r = await s.client.post("/v1/chat/completions", json={**chat(), "model": "embedder"})

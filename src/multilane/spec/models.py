@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INPUT_TYPES",
+    "SOURCE_HINT",
     "STAGE_CLASSES",
     "STAGE_KINDS",
     "AgentStage",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 STAGE_KINDS: tuple[str, ...] = ("embed", "retrieve", "reason", "tool_call", "agent")
+SOURCE_HINT = "'package:<module>', a model folder or a .gguf file; only a remote engine may leave it out"
 INPUT_TYPES: tuple[str, ...] = ("str", "int", "float", "bool", "list")
 
 
@@ -101,7 +103,7 @@ class ModelSpec(_Model):
     """A declared model: its kind, where its weights come from, and how its lane runs."""
 
     kind: Literal["generate", "embedding"]
-    source: str = Field(min_length=1)
+    source: str | None = Field(min_length=1)  # None only for a remote model, whose weights live on its server
     context: int | None = Field(default=None, ge=16)
     parallel: int = Field(default=8, ge=1)
     keep_alive: Duration = "5m"
@@ -114,6 +116,8 @@ class ModelSpec(_Model):
     @model_validator(mode="before")
     @classmethod
     def _kind_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "source" not in data and _is_remote(data.get("engine")):
+            data = {**data, "source": None}  # only a local model must say where its weights are
         # A generate lane decodes 8 sequences over 2048 tokens; an embedding lane admits 256 calls at once,
         # which its micro-batcher turns into a few encodes of up to batch_size texts.
         if isinstance(data, dict) and data.get("kind") == "generate":
@@ -121,6 +125,17 @@ class ModelSpec(_Model):
         if isinstance(data, dict) and data.get("kind") == "embedding":
             return {"parallel": 256, **data}
         return data
+
+    @model_validator(mode="after")
+    def _local_source(self) -> ModelSpec:
+        if self.source is None and not self.is_remote:
+            raise ValueError(f"a local model needs a source ({SOURCE_HINT})")
+        return self
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the model is served by a remote OpenAI-compatible server (`engine: {kind: remote}`)."""
+        return _is_remote(self.engine)
 
     @property
     def batch_wait_seconds(self) -> float:
@@ -131,6 +146,10 @@ class ModelSpec(_Model):
     def keep_alive_seconds(self) -> float | None:
         """Seconds to stay loaded after the last call; 0 unloads when idle, None means pinned."""
         return parse_duration(self.keep_alive)
+
+
+def _is_remote(engine: Any) -> bool:
+    return isinstance(engine, dict) and engine.get("kind") == "remote"
 
 
 class RuntimeSpec(_Model):

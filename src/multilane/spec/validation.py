@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from multilane.errors import SpecError
 from multilane.spec.models import (
+    SOURCE_HINT,
     STAGE_CLASSES,
     STAGE_KINDS,
     AgentsSpec,
@@ -134,6 +135,8 @@ def _humanize(error: Mapping[str, Any], path: KeyPath, data: Any) -> tuple[str, 
         allowed = _allowed_keys(path, data)
         listed = f" (allowed: {', '.join(allowed)})" if allowed else ""
         return f"unknown key '{key}'{listed}", path
+    if kind == "missing" and key == "source" and len(path) == 3 and path[0] == "models":
+        return f"missing required key 'source' ({SOURCE_HINT})", path
     if kind == "missing":
         return f"missing required key '{key}'", path
     if kind == "union_tag_invalid":
