@@ -27,8 +27,9 @@ from multilane.errors import (
     UnknownNameError,
 )
 from multilane.pipeline.executor import RunEvent, RunResult, StageEvent
+from multilane.project import load_spec, parse_spec
 from multilane.runtime import Runtime
-from multilane.spec import Spec, load_spec, parse_spec
+from multilane.spec import Spec
 
 __version__ = "0.1.0"
 

@@ -1,37 +1,32 @@
-"""Agents: typed tools, the schema-constrained tool-call loop, agents as tools of agents, and agents/ loading."""
+"""Agents: typed tools, the schema-constrained tool-call loop, and agents as tools of agents."""
 
 from __future__ import annotations
 
 import enum
 import functools
-import hashlib
-import importlib
 import inspect
 import json
 import re
 import sys
 import time
-import traceback
-import types
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, get_type_hints, overload
 
 import anyio
+import docstring_parser
 import jsonschema
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from multilane.engines.base import Completion, Message, SamplingOptions
-from multilane.errors import AgentStepLimitError, MultilaneError, OutputValidationError, SpecError
+from multilane.errors import AgentStepLimitError, MultilaneError, OutputValidationError
 
 if TYPE_CHECKING:
     from multilane.retrieval import OpenedIndex
-    from multilane.spec import Spec
 
 __all__ = [
     "Agent",
@@ -41,7 +36,6 @@ __all__ = [
     "AgentStep",
     "Tool",
     "ToolCall",
-    "load_agents",
     "run_agent",
     "tool",
 ]
@@ -76,33 +70,14 @@ class AgentContext:
 
 
 def _doc_sections(doc: str) -> tuple[str, dict[str, str]]:
-    """Split a docstring into its summary and the per-argument descriptions of a Google-style "Args:" section."""
-    summary: list[str] = []
-    args: dict[str, str] = {}
-    section: str | None = None
-    current: str | None = None
-    indent: int | None = None
-    for line in doc.splitlines():
-        stripped = line.strip()
-        header = re.fullmatch(r"(Args|Arguments|Parameters|Returns|Raises|Yields|Examples?|Notes?):", stripped)
-        if header:
-            section = header.group(1)
-            current = None
-            indent = None
-            continue
-        if section is None:
-            summary.append(stripped)
-        elif section in ("Args", "Arguments", "Parameters") and stripped:
-            spaces = len(line) - len(line.lstrip())
-            match = re.fullmatch(r"\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)", stripped)
-            if match and (indent is None or spaces <= indent):
-                indent = spaces
-                current = match.group(1)
-                args[current] = match.group(2).strip()
-            elif current is not None:
-                args[current] = f"{args[current]} {stripped}".strip()
-    text = " ".join(part for part in " ".join(summary).split("  ") if part).strip()
-    return " ".join(text.split()), args
+    """A docstring's summary and its per-argument descriptions, written Google, numpy or reST style."""
+    try:
+        parsed = docstring_parser.parse(doc)
+    except docstring_parser.ParseError:  # a docstring no style reads: all of it is the summary
+        return " ".join(doc.split()), {}
+    summary = " ".join(part for part in (parsed.short_description, parsed.long_description) if part)
+    args = {p.arg_name: " ".join((p.description or "").split()) for p in parsed.params}
+    return " ".join(summary.split()), args
 
 
 def _inline(schema: Any, defs: Mapping[str, Any], seen: tuple[str, ...] = ()) -> Any:
@@ -480,14 +455,19 @@ StepCallback = Callable[[AgentStep], Awaitable[None]]
 
 
 def _format_result(value: Any, limit: int) -> str:
+    """The text the model reads for a tool's result: JSON, or the value's repr when JSON cannot show it."""
     if isinstance(value, AgentResult):
         value = value.answer
-    if isinstance(value, BaseModel):
-        text = value.model_dump_json()
-    elif isinstance(value, str):
-        text = value
-    else:
-        text = json.dumps(_jsonable(value), default=str)
+    try:
+        if isinstance(value, BaseModel):
+            text = value.model_dump_json()
+        elif isinstance(value, str):
+            text = value
+        else:
+            text = json.dumps(_jsonable(value), default=str)
+    except Exception as exc:  # tuple keys, a cycle, a field pydantic cannot dump: the tool worked, show its value
+        log.warning("tool result is not JSON; the model gets its repr", error=f"{type(exc).__name__}: {exc}")
+        text = repr(value)
     if len(text) > limit:
         text = text[:limit] + " ...(cut)"
     return text
@@ -538,9 +518,15 @@ async def _call_tool(tool_: Tool, arguments: Any, ctx: AgentContext, limit: int)
         log.warning("tool failed", tool=tool_.name, error=error)
         return ToolCall(tool_.name, arguments, f"{tool_.name} failed: {error}"[:limit], False, started,
                         time.perf_counter(), error)
+    try:
+        text = _format_result(value, limit)
+    except Exception as exc:  # not even its repr works: the model gets an error, as for a tool that raised
+        error = f"its result cannot be shown: {type(exc).__name__}: {exc}"
+        log.warning("tool failed", tool=tool_.name, error=error)
+        return ToolCall(tool_.name, arguments, f"{tool_.name} failed: {error}"[:limit], False, started,
+                        time.perf_counter(), error)
     sub = value if isinstance(value, AgentResult) else None
-    return ToolCall(tool_.name, arguments, _format_result(value, limit), True, started, time.perf_counter(),
-                    sub=sub)
+    return ToolCall(tool_.name, arguments, text, True, started, time.perf_counter(), sub=sub)
 
 
 async def _call_tools(wanted: Sequence[dict[str, Any]], available: Sequence[Tool], ctx: AgentContext,
@@ -633,106 +619,3 @@ async def run_agent(agent: Agent, task: str, runtime: AgentRuntime, *, depth: in
     raise AgentStepLimitError(
         f"agent '{agent.name}' took its {agent.max_steps} steps without answering; raise max_steps, or read "
         "the steps in the error's transcript", agent=agent.name, transcript=result)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading agents from the project's agents/ folder and allow-listed modules
-
-
-def agents_folder(spec: Spec) -> Path | None:
-    """The folder of agent files: `agents.path` when set, else `agents/` beside the file, else `../agents`."""
-    declared = spec.file.agents
-    if declared is not None and declared.path is not None:
-        return spec.resolve_path(declared.path)
-    for candidate in (spec.base_dir / "agents", spec.base_dir.parent / "agents"):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def _import_error(exc: BaseException, file: Path) -> SpecError:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == file]
-    line = frames[-1].lineno if frames else getattr(exc, "lineno", None)
-    return SpecError(f"cannot load agents: {type(exc).__name__}: {exc}", file=str(file), line=line)
-
-
-def _collect(module: types.ModuleType, found: dict[str, Agent], origin: str) -> None:
-    for value in vars(module).values():
-        if not isinstance(value, Agent):
-            continue
-        other = found.get(value.name)
-        if other is not None and other is not value:
-            raise SpecError(f"agent '{value.name}' is defined twice: {other.defined_at} and {value.defined_at}",
-                            file=origin)
-        found[value.name] = value
-
-
-def load_agents(spec: Spec) -> dict[str, Agent]:
-    """Import the spec's agent files (and only its allow-listed modules) and return their agents by name."""
-    found: dict[str, Agent] = {}
-    declared = spec.file.agents
-    folder = agents_folder(spec)
-    if folder is not None and not folder.is_dir():
-        raise spec.error(f"agents folder not found: {folder}", ("agents", "path"))
-    if folder is not None:
-        folder = folder.resolve()
-        package = "multilane_agents_" + hashlib.sha256(str(folder).encode()).hexdigest()[:10]
-        if package not in sys.modules:  # the folder's files are modules of one package: `from .x import y` works
-            module = types.ModuleType(package, f"Agents under {folder}")
-            module.__path__ = [str(folder)]
-            sys.modules[package] = module
-        for file in sorted(folder.glob("*.py")):
-            if file.name.startswith("_"):
-                continue
-            try:
-                loaded = importlib.import_module(f"{package}.{file.stem}")
-            except SpecError:
-                raise
-            except Exception as exc:  # the user's file failed: say where
-                raise _import_error(exc, file) from None
-            _collect(loaded, found, str(file))
-    for i, name in enumerate(declared.allow_modules if declared is not None else []):
-        try:
-            loaded = importlib.import_module(name)
-        except Exception as exc:
-            raise spec.error(f"cannot import allowed module '{name}': {type(exc).__name__}: {exc}",
-                             ("agents", "allow_modules", i)) from None
-        _collect(loaded, found, spec.name)
-    return found
-
-
-def check_agent(agent: Agent, spec: Spec) -> list[str]:
-    """What is wrong between an agent (and its sub-agents) and the pipeline file: models and indexes."""
-    problems: list[str] = []
-    seen: set[int] = set()
-
-    def visit(current: Agent) -> None:
-        if id(current) in seen:
-            return
-        seen.add(id(current))
-        where = f"agent '{current.name}' ({_short(current.defined_at)})"
-        model = spec.models.get(current.model)
-        if model is None:
-            problems.append(f"{where} uses unknown model '{current.model}' (declared: {', '.join(spec.models)})")
-        elif model.kind != "generate":
-            problems.append(f"{where} uses model '{current.model}', which is an {model.kind} model; "
-                            "an agent needs a generate model")
-        for t in current.tools:
-            for index in t.indexes:
-                if index not in spec.indexes:
-                    declared = ", ".join(spec.indexes) or "none"
-                    problems.append(f"{where} tool '{t.name}' searches unknown index '{index}' (declared: {declared})")
-            if t.agent is not None:
-                visit(t.agent)
-
-    visit(agent)
-    return problems
-
-
-def _short(origin: str) -> str:
-    path, _, line = origin.rpartition(":")
-    try:
-        shown = str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        shown = path
-    return f"{shown}:{line}"

@@ -101,16 +101,21 @@ def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
 
 @app.command()
 def validate(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")]) -> None:
-    """Check a pipeline file without loading any model."""
+    """Check a pipeline file as loading it would, but load no model and build no index.
+
+    The YAML, names, templates and JSON schemas are checked. When the file declares or uses agents, their
+    Python files (the agents/ folder and allowed modules only) are imported, so that the agents are checked too.
+    """
     configure_logging("warning")
-    from multilane.spec import load_spec
+    from multilane.project import load_spec
 
     try:
         spec = load_spec(file)
     except MultilaneError as exc:
         _fail(str(exc))
+    agents = f", {len(spec.agents)} agents" if spec.agents else ""
     typer.echo(f"{file}: ok ({len(spec.models)} models, {len(spec.indexes)} indexes, "
-               f"{len(spec.pipelines)} pipelines)")
+               f"{len(spec.pipelines)} pipelines{agents})")
 
 
 @index_app.command("build")

@@ -22,9 +22,10 @@ from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateE
 from multilane.errors import EngineError, MultilaneError, UnknownNameError
 from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
 from multilane.pipeline.executor import RunEvent, RunResult, execute
+from multilane.project import load_spec
 from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home, resolve_source
-from multilane.spec import ModelSpec, Spec, load_spec
+from multilane.spec import ModelSpec, Spec
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentResult
@@ -73,7 +74,9 @@ async def plan_model(name: str, spec: Spec) -> LanePlan:
     if engine_kind not in ("local", "vllm"):
         raise spec.error(f"unknown engine kind '{engine_kind}' (kinds: vllm, remote)",
                          ("models", name, "engine", "kind"))
-    prepared = await anyio.to_thread.run_sync(lambda: resolve_source(model.source, base_dir=spec.base_dir))
+    source = model.source
+    assert source is not None  # only a remote model may leave it out, and the spec checks that
+    prepared = await anyio.to_thread.run_sync(lambda: resolve_source(source, base_dir=spec.base_dir))
     key = (prepared.identity, _settings_key(model))
     path = str(prepared.path)
     if model.kind == "embedding":
@@ -85,7 +88,7 @@ async def plan_model(name: str, spec: Spec) -> LanePlan:
                                                         batch_wait=model.batch_wait_seconds)
 
         weights = await anyio.to_thread.run_sync(_weights_bytes, prepared.path)
-        return LanePlan(key, "embedding", model.source, load_embedding, weights_bytes=weights,
+        return LanePlan(key, "embedding", source, load_embedding, weights_bytes=weights,
                         parallel=model.parallel)
 
     from multilane.engines.vllm import VLLMEngine
@@ -100,7 +103,7 @@ async def plan_model(name: str, spec: Spec) -> LanePlan:
         return await VLLMEngine.load(path, identity=prepared.identity, context=context, parallel=model.parallel,
                                      dtype=model.dtype, kv_cache_bytes=plan.kv_bytes, options=options)
 
-    plan = LanePlan(key, "generate", model.source, load_generate, weights_bytes=-(-cost.weights_bytes // shards),
+    plan = LanePlan(key, "generate", source, load_generate, weights_bytes=-(-cost.weights_bytes // shards),
                     kv_bytes_per_token=-(-cost.kv_bytes_per_token // shards), parallel=model.parallel,
                     context=context)
     return plan
@@ -227,7 +230,8 @@ class Runtime:
                 raise EngineError(f"the engine made for model '{name}' is not a {model.kind} engine")
             return engine
 
-        return LanePlan((model.source, _settings_key(model)), model.kind, model.source, load,
+        source = model.source or name  # a remote model may have no source
+        return LanePlan((source, _settings_key(model)), model.kind, source, load,
                         parallel=model.parallel, context=model.context)
 
     # ---- models
@@ -322,7 +326,7 @@ class Runtime:
     def agent(self, name: str) -> Agent:
         """Return an agent defined under the project's agents/ folder (or an allowed module) by name."""
         if self._agents is None:
-            from multilane.agents import load_agents
+            from multilane.project import load_agents
 
             self._agents = load_agents(self.spec)
         if name not in self._agents:

@@ -120,6 +120,58 @@ def test_tool_schema_comes_from_signature_docstring_and_fields() -> None:
     assert "$ref" not in json.dumps(schema) and "$defs" not in schema and "title" not in schema
 
 
+def test_numpy_and_rest_docstrings_describe_arguments_as_google_style_does() -> None:
+    def numpy_style(box: Box, color: Color = Color.RED) -> str:
+        """Paint a box.
+
+        Parameters
+        ----------
+        box : Box
+            the box to paint.
+        color : Color, optional
+            which paint
+            to use (two lines).
+        """
+        return ""
+
+    def rest_style(box: Box, color: Color = Color.RED) -> str:
+        """Paint a box.
+
+        :param box: the box to paint.
+        :param color: which paint
+            to use (two lines).
+        :returns: what was painted.
+        """
+        return ""
+
+    for fn in (numpy_style, rest_style):
+        made = tool(fn)
+        props = made.parameters["properties"]
+        assert made.description == "Paint a box."
+        assert props["box"]["description"] == paint.parameters["properties"]["box"]["description"]
+        assert props["color"]["description"] == "which paint to use (two lines)."
+
+
+def test_a_longer_docstring_is_all_description_until_its_sections() -> None:
+    def shelve(book: str) -> str:
+        """Put a book away.
+
+        It goes on the shelf by
+        its author's name.
+
+        Args:
+            book: the title.
+
+        Returns:
+            where it went.
+        """
+        return ""
+
+    made = tool(shelve)
+    assert made.description == "Put a book away. It goes on the shelf by its author's name."
+    assert made.parameters["properties"]["book"]["description"] == "the title."
+
+
 def test_context_parameter_is_injected_not_described() -> None:
     @tool(name="whoami", description="Say which agent runs.")
     async def who(ctx: AgentContext, shout: bool = False) -> str:
@@ -235,6 +287,43 @@ async def test_a_failing_tool_feeds_its_error_back_and_is_withdrawn_after_its_re
     assert "lookup failed too often and is no longer available." in engine.calls[3].prompt
     assert [c.ok for c in result.calls] == [False, False, False]
     assert result.calls[0].error == "ValueError: no entry for 'w1'"
+
+
+async def test_a_result_json_cannot_show_reaches_the_model_as_its_repr(fake_runtime) -> None:
+    @tool
+    def pairs() -> dict[tuple[int, int], str]:
+        """Name some pairs."""
+        return {(1, 2): "near", (1, 9): "far"}  # json.dumps refuses tuple keys
+
+    engine = FakeGenerateEngine(script({"tool": "pairs", "arguments": {}}, {"answer": "done"}))
+    rt, _ = fake_runtime(MODEL, assistant=engine)
+    async with rt:
+        result = await rt.run_agent(Agent("pairer", "assistant", "", [pairs]), "name pairs")
+
+    assert result.answer == "done"
+    assert result.calls[0].ok and result.calls[0].result == "{(1, 2): 'near', (1, 9): 'far'}"
+    assert "pairs returned:\n{(1, 2): 'near', (1, 9): 'far'}" in engine.calls[1].prompt
+
+
+async def test_a_result_that_cannot_be_shown_at_all_is_a_tool_error_not_a_crash(fake_runtime) -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            raise RuntimeError("no view of me")
+
+    @tool
+    def grab() -> Any:
+        """Grab a thing."""
+        return {"thing": Opaque()}
+
+    engine = FakeGenerateEngine(script({"tool": "grab", "arguments": {}}, {"answer": "gave up"}))
+    rt, _ = fake_runtime(MODEL, assistant=engine)
+    async with rt:
+        result = await rt.run_agent(Agent("grabber", "assistant", "", [grab]), "grab it")
+
+    assert result.answer == "gave up"
+    assert not result.calls[0].ok
+    assert result.calls[0].error == "its result cannot be shown: RuntimeError: no view of me"
+    assert "grab failed: its result cannot be shown: RuntimeError: no view of me" in engine.calls[1].prompt
 
 
 async def test_an_unknown_tool_from_the_engine_is_rejected_clearly(fake_runtime) -> None:

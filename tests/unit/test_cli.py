@@ -111,6 +111,41 @@ def test_validate_reports_an_unknown_model_with_its_field_path(cli: CliRunner, t
     assert "Traceback" not in result.output
 
 
+AGENT_PIPELINE = """
+models:
+  assistant: {kind: generate, source: ./assistant}
+pipelines:
+  ask:
+    stages:
+      work: {kind: agent, agent: helper, task: hi}
+"""
+
+
+def test_validate_imports_the_agents_but_loads_no_model(cli: CliRunner, tmp_path: Path,
+                                                         fake_models: dict[str, int]) -> None:
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "helper.py").write_text(
+        "from pathlib import Path\nfrom multilane import Agent\n"
+        "Path(__file__).with_name('imported').touch()\nhelper = Agent('helper', 'assistant')\n")
+    result = cli.invoke(app, ["validate", str(write(tmp_path, AGENT_PIPELINE))])
+
+    assert result.exit_code == 0, result.output
+    assert "1 models, 0 indexes, 1 pipelines, 1 agents" in result.stdout
+    assert (tmp_path / "agents" / "imported").exists() and fake_models == {}
+    help_text = " ".join(cli.invoke(app, ["validate", "--help"]).stdout.split())
+    assert "load no model and build no index" in help_text and "Python files" in help_text
+
+
+def test_validate_reports_a_broken_agent_file_at_its_line(cli: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "helper.py").write_text("import multilane\n\nraise RuntimeError('half written')\n")
+    result = cli.invoke(app, ["validate", str(write(tmp_path, AGENT_PIPELINE))])
+
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'agents' / 'helper.py'}:3: cannot load agents: RuntimeError: half written" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_run_unknown_pipeline_exits_1(cli: CliRunner, tmp_path: Path, fake_models: dict[str, int]) -> None:
     result = cli.invoke(app, ["run", str(write(tmp_path, PIPELINE)), "nope", "-i", "question=hi"])
 

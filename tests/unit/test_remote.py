@@ -164,6 +164,20 @@ async def test_a_bad_remote_engine_setting_is_a_spec_error_with_its_line() -> No
         await plan_model("a", spec)
 
 
+async def test_a_remote_model_without_a_source_plans_and_serves(fake_runtime: Callable[..., Any]) -> None:
+    text = ("models:\n  big: {kind: generate, engine: {kind: remote, url: 'http://gpu:8000', served_model: qwen}}\n"
+            "  vec: {kind: embedding, engine: {kind: remote, url: 'http://gpu:8001'}}\n")
+    spec = parse_spec(text, file="r.yaml")
+    planned = await plan_model("big", spec)
+    assert (planned.source, planned.weights_bytes) == ("http://gpu:8000#qwen", 0)
+    assert (await plan_model("vec", spec)).source == "http://gpu:8001#vec"
+    rt, _ = fake_runtime(text)
+    async with rt:
+        await rt.generate("big", "hi")
+        lanes = rt.ps()
+    assert [(lane["models"], lane["source"]) for lane in lanes] == [(["big"], "big")]
+
+
 async def test_tensor_parallel_lanes_are_budgeted_per_gpu(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()

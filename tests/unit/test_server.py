@@ -188,6 +188,50 @@ async def test_response_format_json_schema_constrains_the_output(serve: Any) -> 
     assert r2.status_code == 200
 
 
+BAD_SCHEMAS = {
+    "bad-keyword": ({"type": "object", "properties": {"year": {"type": "integr"}}},
+                    "properties/year/type: 'integr' is not valid under any of the given schemas"),
+    "unresolved-ref": ({"type": "object", "properties": {"year": {"$ref": "#/$defs/Year"}}, "required": ["year"]},
+                       "properties/year/$ref: $ref '#/$defs/Year' does not resolve within the schema"),
+    "empty-enum": ({"type": "object", "properties": {"unit": {"enum": []}}, "required": ["unit"]},
+                   "properties/unit/enum: enum is empty, so no value can match"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCHEMAS))
+async def test_an_unusable_schema_is_a_422_before_anything_is_generated(serve: Any, case: str) -> None:
+    schema, reason = BAD_SCHEMAS[case]
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    async with serve() as s:
+        fmt = await s.client.post("/v1/chat/completions", json=chat(
+            response_format={"type": "json_schema", "json_schema": {"name": "y", "schema": schema}}))
+        streamed = await s.client.post("/v1/chat/completions", json=chat(stream=True, tools=[WEATHER, tool]))
+        ollama = await s.client.post("/api/chat", json={
+            "model": "assistant", "messages": [{"role": "user", "content": "hi"}], "format": schema})
+        generated = len(s.engines["assistant"].calls)
+    assert (fmt.status_code, streamed.status_code, ollama.status_code) == (422, 422, 422)
+    assert fmt.json()["error"]["message"].startswith(
+        f"body.response_format.json_schema.schema: invalid JSON schema at {reason}")
+    assert streamed.json()["error"]["message"].startswith(
+        f"body.tools[1].function.parameters: invalid JSON schema at {reason}")
+    assert ollama.json()["error"].startswith(f"body.format: invalid JSON schema at {reason}")
+    assert generated == 0
+
+
+async def test_tool_parameters_with_their_own_definitions_work_inside_the_combined_schema(serve: Any) -> None:
+    unit = {"type": "function", "function": {"name": "convert", "parameters": {
+        "$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object",
+        "properties": {"to": {"$ref": "#/$defs/Unit"}}, "required": ["to"]}}}
+    reply = json.dumps({"name": "convert", "arguments": {"to": "F"}})
+    async with serve(assistant=FakeGenerateEngine(lambda prompt, options: reply)) as s:
+        r = await s.client.post("/v1/chat/completions", json=chat(tools=[WEATHER, unit]))
+        offered = s.engines["assistant"].calls[0].options.json_schema
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == {"to": "F"}
+    assert offered["anyOf"][1]["properties"]["arguments"]["properties"]["to"] == {
+        "$ref": "#/anyOf/1/properties/arguments/$defs/Unit"}
+
+
 async def test_tools_auto_returns_a_tool_call_with_json_string_arguments(serve: Any) -> None:
     async with serve() as s:
         r = await s.client.post("/v1/chat/completions", json=chat("Weather in Oslo?", tools=[WEATHER, TIME]))
@@ -319,6 +363,16 @@ async def test_models_lists_declared_models(serve: Any) -> None:
     assert r.status_code == 200
     assert {(m["id"], m["kind"]) for m in r.json()["data"]} == {("assistant", "generate"), ("embedder", "embedding")}
     assert all(m["object"] == "model" for m in r.json()["data"])
+
+
+async def test_a_remote_model_without_a_source_is_listed_with_a_null_source(serve: Any) -> None:
+    spec = SPEC.replace("runtime:", "  far: {kind: generate, engine: {kind: remote, url: 'http://gpu:8000'}}\nruntime:")
+    async with serve(spec) as s:
+        openai = await s.client.get("/v1/models")
+        ollama = await s.client.get("/api/tags")
+    assert {m["id"]: m["source"] for m in openai.json()["data"]}["far"] is None
+    assert {m["name"]: m["source"] for m in ollama.json()["models"]} == {
+        "assistant": "./assistant", "embedder": "./embedder", "far": None}
 
 
 async def test_a_model_of_the_wrong_kind_is_a_400(serve: Any) -> None:

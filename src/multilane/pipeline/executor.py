@@ -22,13 +22,13 @@ from multilane.retrieval import OpenedIndex
 from multilane.spec import (
     AgentStage,
     EmbedStage,
+    GenerateStage,
     PipelineSpec,
     ReasonStage,
     RetrieveStage,
+    StageBase,
     ToolCallStage,
-    _describe,
-    _GenerateStage,
-    _StageBase,
+    describe_value,
 )
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ class StageContext:
 StageRunner = Callable[[Any, StageContext], Awaitable[dict[str, Any]]]
 
 
-def _messages(stage: _GenerateStage, ctx: StageContext) -> list[Message]:
+def _messages(stage: GenerateStage, ctx: StageContext) -> list[Message]:
     messages: list[Message] = []
     if stage.system is not None:
         messages.append({"role": "system", "content": ctx.render(stage.system)})
@@ -136,12 +136,12 @@ def _messages(stage: _GenerateStage, ctx: StageContext) -> list[Message]:
     return messages
 
 
-def _options(stage: _GenerateStage, schema: dict[str, Any] | None = None) -> SamplingOptions:
+def _options(stage: GenerateStage, schema: dict[str, Any] | None = None) -> SamplingOptions:
     return SamplingOptions(max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p,
                            stop=tuple(stage.stop), json_schema=schema)
 
 
-async def _generate(stage: _GenerateStage, ctx: StageContext, options: SamplingOptions) -> Completion:
+async def _generate(stage: GenerateStage, ctx: StageContext, options: SamplingOptions) -> Completion:
     """Generate a stage's completion; with a listener, stream it and pass each piece on as a token event."""
     messages = _messages(stage, ctx)
     if ctx.sink is None:
@@ -193,7 +193,7 @@ async def _run_agent(stage: AgentStage, ctx: StageContext) -> dict[str, Any]:
     return result.to_dict()
 
 
-async def run_for_each(stage: _StageBase, ctx: StageContext, runner: StageRunner) -> dict[str, Any]:
+async def run_for_each(stage: StageBase, ctx: StageContext, runner: StageRunner) -> dict[str, Any]:
     """Run a stage once per element of its for_each list, at most max_concurrency at a time, results in order.
 
     on_error: `fail` fails the stage at the first failed item (cancelling the rest); `skip` leaves failed items
@@ -203,7 +203,7 @@ async def run_for_each(stage: _StageBase, ctx: StageContext, runner: StageRunner
     assert source is not None
     values = evaluate(source, inputs=ctx.inputs, stages=ctx.stages)
     if not isinstance(values, list | tuple):
-        raise TemplateError(f"for_each must give a list, got {_describe(values)}")
+        raise TemplateError(f"for_each must give a list, got {describe_value(values)}")
     missing = object()
     results: list[Any] = [missing] * len(values)
     errors: list[dict[str, Any]] = []

@@ -14,6 +14,7 @@ from pydantic import AfterValidator
 
 from multilane.durations import parse_duration
 from multilane.engines.base import SamplingOptions
+from multilane.json_schemas import schema_problem
 from multilane.runtime import Runtime
 from multilane.spec import ModelSpec
 
@@ -213,3 +214,12 @@ async def gather(calls: list[Callable[[], Awaitable[T]]]) -> list[T]:
     if failed:
         raise failed[0]
     return [results[i] for i in range(len(calls))]
+
+
+def checked_schema(schema: dict[str, Any], field: str) -> dict[str, Any]:
+    """A request's JSON schema as given, or a 422 naming its field and what is wrong, before anything is generated."""
+    problem = schema_problem(schema)
+    if problem is not None:
+        raise ApiError(422, f"{field}: invalid JSON schema at {problem.where}: {problem.message}",
+                       code="invalid_schema")
+    return schema

@@ -25,6 +25,7 @@ from multilane.server.common import (
     KeepAlive,
     LazyStreamResponse,
     abort_on_disconnect,
+    checked_schema,
     declared_model,
     dumps,
     json_response,
@@ -112,11 +113,9 @@ def _ns(seconds: float) -> int:
 
 
 def _schema(fmt: Format) -> dict[str, Any] | None:
-    if fmt is None or fmt == "":
-        return None
-    if fmt == "json":
-        return {"type": "object"}
-    return fmt  # type: ignore[return-value]
+    if isinstance(fmt, dict):
+        return checked_schema(fmt, "body.format")
+    return {"type": "object"} if fmt == "json" else None
 
 
 def _options(request: Request, call: _Call) -> SamplingOptions:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from multilane.engines.base import Completion, EmbeddingEngine, Message, SamplingOptions
+from multilane.json_schemas import embed_at
 from multilane.pipeline.executor import parse_json_output
 from multilane.runtime import Runtime
 from multilane.server.common import (
@@ -27,6 +28,7 @@ from multilane.server.common import (
     KeepAlive,
     LazyStreamResponse,
     abort_on_disconnect,
+    checked_schema,
     declared_model,
     dumps,
     gather,
@@ -188,16 +190,20 @@ def tool_plan(tools: list[Tool] | None, choice: str | NamedToolChoice | None) ->
     if not tools or choice == "none":
         return None
     offered = [tool.function for tool in tools]
+    for i, function in enumerate(offered):
+        checked_schema(function.parameters, f"body.tools[{i}].function.parameters")
     if isinstance(choice, NamedToolChoice):
         chosen = [f for f in offered if f.name == choice.function.name]
         if not chosen:
             raise ApiError(422, f"tool_choice names function '{choice.function.name}', which is not among the "
                                 f"tools ({', '.join(f.name for f in offered)})", code="invalid_tool_choice")
         offered = chosen
-    calls: list[dict[str, Any]] = [
-        {"type": "object", "properties": {"name": {"enum": [f.name]}, "arguments": f.parameters},
-         "required": ["name", "arguments"], "additionalProperties": False} for f in offered]
     may_answer = choice in (None, "auto")
+    alone = len(offered) == 1 and not may_answer  # one call schema is the whole schema; else one of anyOf
+    calls: list[dict[str, Any]] = [
+        {"type": "object", "properties": {"name": {"enum": [f.name]}, "arguments": embed_at(
+            f.parameters, "/properties/arguments" if alone else f"/anyOf/{i}/properties/arguments")},
+         "required": ["name", "arguments"], "additionalProperties": False} for i, f in enumerate(offered)]
     options = [*calls, ANSWER_SCHEMA] if may_answer else calls
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     listing = "\n".join(dumps({"name": f.name, "description": f.description, "parameters": f.parameters})
@@ -267,7 +273,7 @@ def _response_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
         return {"type": "object"}
     if fmt.json_schema is None:
         raise ApiError(422, "response_format of type json_schema needs json_schema.schema", code="invalid_body")
-    return fmt.json_schema.schema_
+    return checked_schema(fmt.json_schema.schema_, "body.response_format.json_schema.schema")
 
 
 # ---- routes
