@@ -180,14 +180,8 @@ async def test_stage_timeout_fails_the_run_saying_timed_out(fake_runtime) -> Non
     assert rt.spec.models  # the runtime stays usable after a failed run
 
 
-async def test_cancelling_a_run_aborts_the_engine_request(fake_runtime) -> None:
-    streaming = anyio.Event()
-
-    def reply(prompt: str, options: Any) -> str:
-        streaming.set()
-        return SLOW_WORDS
-
-    assistant = FakeGenerateEngine(reply, token_delay=0.05)
+async def test_cancelling_a_run_aborts_the_engine_request(fake_runtime, held) -> None:
+    assistant = held(SLOW_WORDS, before_hold=2)
     rt, _ = fake_runtime(
         """
         models:
@@ -203,8 +197,7 @@ async def test_cancelling_a_run_aborts_the_engine_request(fake_runtime) -> None:
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(rt.run, "chat")
-                await streaming.wait()
-                await anyio.sleep(0.1)  # let it stream a couple of tokens
+                await assistant.holding.wait()  # it has streamed two tokens and is mid-request
                 scope.cancel()
 
         assert scope.cancelled_caught
