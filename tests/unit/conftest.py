@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -99,12 +100,14 @@ class HeldEngine(FakeGenerateEngine):
                      request_id: str) -> AsyncIterator[Chunk]:
         """Stream as the fake does, holding after `before_hold` chunks until released."""
         async with aclosing(super().stream(prompt_ids, options, request_id)) as chunks:
-            sent = 0
-            async for chunk in chunks:
+            for sent in itertools.count():
                 if sent == self.before_hold:
                     self.holding.set()
                     await self.release.wait()
-                sent += 1
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
                 yield chunk
 
 
