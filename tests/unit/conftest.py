@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 import structlog
+from trio.testing import MockClock
 
 from multilane import Runtime, SamplingOptions, Spec, parse_spec
 from multilane.engines.base import Chunk
@@ -22,7 +23,11 @@ Engine = FakeGenerateEngine | FakeEmbeddingEngine
 
 
 @pytest.fixture
-def anyio_backend() -> str:
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """asyncio; a test marked `virtual_clock` runs on trio with a mock clock that jumps whenever every task
+    waits, so its sleeps and timeouts take no wall time and durations can be asserted exactly."""
+    if request.node.get_closest_marker("virtual_clock"):
+        return ("trio", {"clock": MockClock(autojump_threshold=0)})
     return "asyncio"
 
 

@@ -8,16 +8,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 from anyio.abc import TaskGroup
-from trio.testing import MockClock
 
 from multilane.batching import BatchError, BatchStats, MicroBatcher
 from multilane.errors import MultilaneError
-
-
-def virtual_clock() -> pytest.MarkDecorator:
-    """Run the test on trio with a mock clock that jumps ahead whenever every task waits: no wall time passes."""
-    return pytest.mark.parametrize("anyio_backend", [("trio", {"clock": MockClock(autojump_threshold=0)})],
-                                   ids=["virtual-clock"])
 
 
 class Recorder:
@@ -84,7 +77,7 @@ async def test_concurrent_submits_within_max_wait_make_one_call() -> None:
     assert outcomes == {i: i * 10 for i in range(5)}
 
 
-@virtual_clock()
+@pytest.mark.virtual_clock
 @pytest.mark.anyio
 async def test_batch_closes_early_when_it_reaches_max_batch_size() -> None:
     fn = Recorder()
@@ -105,7 +98,7 @@ async def test_ten_submits_with_max_batch_size_four_run_as_four_four_two() -> No
     assert outcomes == {i: i * 10 for i in range(10)}
 
 
-@virtual_clock()
+@pytest.mark.virtual_clock
 @pytest.mark.anyio
 async def test_lone_submit_runs_alone_after_max_wait() -> None:
     fn = Recorder()
@@ -116,7 +109,7 @@ async def test_lone_submit_runs_alone_after_max_wait() -> None:
     assert fn.calls == [[7]]
 
 
-@virtual_clock()
+@pytest.mark.virtual_clock
 @pytest.mark.anyio
 async def test_a_submit_within_max_wait_joins_the_batch_and_one_after_it_starts_the_next() -> None:
     fn = Recorder()
