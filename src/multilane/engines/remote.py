@@ -95,17 +95,15 @@ class RemotePrompt:
 
 def server_root(url: str) -> str:
     """The server's root URL; an OpenAI-SDK style base URL ending in `/v1` names the same server."""
-    url = url.rstrip("/")
-    return url.removesuffix("/v1") if url.endswith("/v1") else url
+    return url.rstrip("/").removesuffix("/v1")
 
 
 class _Busy(Exception):
     """A 429 or 503: the remote asks us to come back later, after `retry_after` seconds when it says so."""
 
-    def __init__(self, status: int, text: str, retry_after: float | None) -> None:
+    def __init__(self, status: int, retry_after: float | None) -> None:
         super().__init__(status)
         self.status = status
-        self.text = text
         self.retry_after = retry_after
 
 
@@ -113,14 +111,15 @@ class _BusyWait(tenacity.wait.wait_base):
     """Wait what the remote's Retry-After asks, else exponential backoff with jitter (bounded either way)."""
 
     def __init__(self, settings: RemoteSettings) -> None:
-        self._backoff = tenacity.wait_exponential_jitter(multiplier=settings.backoff, jitter=settings.backoff,
-                                                         max=settings.max_retry_wait)
+        self._backoff = (tenacity.wait_exponential(multiplier=settings.backoff)
+                         + tenacity.wait_random(0, settings.backoff))
+        self._max = settings.max_retry_wait
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         busy = _busy(retry_state)
         if busy is not None and busy.retry_after is not None:
             return busy.retry_after
-        return self._backoff(retry_state)
+        return min(self._backoff(retry_state), self._max)
 
 
 class _AsksTooLong(tenacity.stop.stop_base):
@@ -219,7 +218,7 @@ class _Remote:
         text = (await response.aread()).decode(errors="replace")
         await response.aclose()
         if response.status_code in _RETRY_STATUS:
-            raise _Busy(response.status_code, text, retry_after_seconds(response.headers.get("retry-after")))
+            raise _Busy(response.status_code, retry_after_seconds(response.headers.get("retry-after")))
         raise _status_error(self.settings, response.status_code, text)
 
     def unfinished_requests(self) -> int:
@@ -312,7 +311,7 @@ class RemoteGenerateEngine(_Remote):
                     if isinstance(event.get("usage"), dict) and event["usage"].get("completion_tokens") is not None:
                         usage = int(event["usage"]["completion_tokens"])
                     for choice in event.get("choices") or []:
-                        piece = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+                        piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
                         finish = choice.get("finish_reason") or finish
                         if piece:
                             counted += 1
