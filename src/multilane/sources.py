@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from filelock import FileLock
 
 from multilane.errors import SourceError
 
@@ -96,7 +94,8 @@ def _locate_package(module: str, source: str, home: Path) -> Path:
         target = home / "gguf" / f"{module}.gguf"
         log.info("assembling packaged model", source=source, target=str(target))
         try:
-            return Path(assemble(output_path=target))
+            with FileLock(home / "gguf" / f".{module}.lock"):  # two processes must not write one file at once
+                return Path(assemble(output_path=target))
         except Exception as exc:
             raise SourceError(f"model source '{source}': assembling the GGUF file failed: {exc}") from exc
     raise SourceError(f"model source '{source}': package '{module}' ships no .gguf file or model folder")
@@ -121,17 +120,6 @@ def _folder_digest(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _prepare_gguf(gguf: Path, source: str, home: Path) -> Path:
     """Dequantize a GGUF file into a bf16 checkpoint under home/models, once per file content."""
     try:
@@ -141,7 +129,7 @@ def _prepare_gguf(gguf: Path, source: str, home: Path) -> Path:
     target = home / "models" / f"{gguf.stem}-{digest}"
     if (target / _PREPARED_MARKER).is_file():
         return target
-    with _file_lock(home / "models" / f".{target.name}.lock"):
+    with FileLock(home / "models" / f".{target.name}.lock"):  # one conversion at a time per file, across processes
         if (target / _PREPARED_MARKER).is_file():  # another process finished it while we waited
             return target
         log.info("preparing model: converting GGUF to a bf16 checkpoint (once)", source=source,

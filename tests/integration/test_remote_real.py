@@ -21,6 +21,7 @@ import anyio
 import httpx
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from multilane import EngineDeadError, EngineError, QueueFullError, Runtime, SamplingOptions, parse_spec
 from multilane.sources import resolve_source
@@ -207,10 +208,10 @@ async def test_a_context_overflow_is_refused_before_it_is_sent(on_vllm: Runtime)
 
 
 async def test_one_multilane_server_is_the_remote_engine_of_another(front: str, tmp_path: Path) -> None:
-    spec = parse_spec(remote_models(front, "assistant"), file="chain.yaml", base_dir=ROOT)
+    spec = parse_spec(remote_models(front + "/v1", "assistant"), file="chain.yaml", base_dir=ROOT)  # as the SDK
     async with Runtime(spec) as rt:
-        done = await rt.generate("assistant", "Say hello.", SamplingOptions(max_tokens=8))
-        assert done.completion_tokens > 0 and done.text
+        done = await rt.generate("assistant", "Say hello.", SamplingOptions(max_tokens=8, ignore_eos=True))
+        assert done.completion_tokens == 8 and done.text  # the remote's usage, passed on by the front
         schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
                   "additionalProperties": False}
         constrained = await rt.generate("assistant", "Answer in JSON.", SamplingOptions(max_tokens=12,
@@ -237,14 +238,12 @@ async def test_a_busy_remote_is_retried_then_reported_as_queue_full(front: str) 
     async with Runtime(spec) as rt:
         await rt.load("assistant")
         long = SamplingOptions(max_tokens=400, ignore_eos=True)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(rt.generate, "assistant", "Tell a long story.", long)  # takes the front's only slot
-            await anyio.sleep(1.0)
-            started = time.monotonic()
-            with pytest.raises(QueueFullError, match=r"busy .*after 3 tries"):
+        async with aclosing(rt.generate_stream("assistant", "Tell a long story.", long)) as story:
+            await anext(story)  # streaming: it holds the front's only slot
+            with capture_logs() as logs, pytest.raises(QueueFullError, match=r"busy .*after 3 tries"):
                 await rt.generate("assistant", "Say hello.", SamplingOptions(max_tokens=4))
-            assert time.monotonic() - started >= 0.15  # backoff 0.05 + 0.1 before giving up
-            tg.cancel_scope.cancel()
+    waits = [(e["status"], e["retry_after"], e["delay"]) for e in logs if e["event"] == "remote busy, retrying"]
+    assert waits == [(503, 1.0, 1.0)] * 2  # the front's Retry-After: 1, not our backoff of 0.05
 
 
 async def test_a_remote_that_is_down_at_start_is_a_clear_error() -> None:

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import structlog
+from trio.testing import MockClock
 
-from multilane import Runtime, Spec, parse_spec
+from multilane import Runtime, SamplingOptions, Spec, parse_spec
+from multilane.engines.base import Chunk
 from multilane.testing import FakeEmbeddingEngine, FakeGenerateEngine
 
 Engine = FakeGenerateEngine | FakeEmbeddingEngine
 
 
 @pytest.fixture
-def anyio_backend() -> str:
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """asyncio; a test marked `virtual_clock` runs on trio with a mock clock that jumps whenever every task
+    waits, so its sleeps and timeouts take no wall time and durations can be asserted exactly."""
+    if request.node.get_closest_marker("virtual_clock"):
+        return ("trio", {"clock": MockClock(autojump_threshold=0)})
     return "asyncio"
 
 
@@ -78,3 +87,36 @@ def docs(tmp_path: Path) -> Path:
     (folder / "volcanoes.md").write_text("# Volcanoes\n\nMagma that reaches the surface is called lava.\n")
     (folder / "bread.md").write_text("# Bread\n\nYeast ferments sugar and the dough rises before baking.\n")
     return folder
+
+
+class HeldEngine(FakeGenerateEngine):
+    """A fake generate engine whose calls stream their first `before_hold` tokens, then hold until `release`.
+
+    `holding` is set when a call holds, so a test knows a request is mid-stream without sleeping.
+    """
+
+    def __init__(self, reply: str = "fake reply", *, before_hold: int = 1) -> None:
+        super().__init__(reply)
+        self.before_hold = before_hold
+        self.holding = anyio.Event()
+        self.release = anyio.Event()
+
+    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions,
+                     request_id: str) -> AsyncIterator[Chunk]:
+        """Stream as the fake does, holding after `before_hold` chunks until released."""
+        async with aclosing(super().stream(prompt_ids, options, request_id)) as chunks:
+            for sent in itertools.count():
+                if sent == self.before_hold:
+                    self.holding.set()
+                    await self.release.wait()
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                yield chunk
+
+
+@pytest.fixture
+def held() -> Callable[..., HeldEngine]:
+    """Make a HeldEngine (inside the test, where its events can be created)."""
+    return HeldEngine

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import json
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -688,16 +687,31 @@ async def test_agent_stage_failure_names_the_stage(fake_runtime, agents_dir: Pat
 
 
 async def test_time_is_spent_concurrently_not_serially(fake_runtime) -> None:
+    first, release = anyio.Event(), anyio.Event()
+    naps: list[float] = []
+    results: list[Any] = []
+
     @tool
     async def nap(seconds: float) -> str:
         """Sleep."""
-        await anyio.sleep(seconds)
+        naps.append(seconds)
+        first.set()
+        await release.wait()  # every nap holds until the test has counted the naps under way
         return "rested"
+
+    async def run() -> None:
+        results.append(await rt.run_agent(Agent("napper", "assistant", "", [nap], parallel_calls=4), "nap"))
 
     engine = FakeGenerateEngine(script({"calls": [{"tool": "nap", "arguments": {"seconds": 0.2}}] * 4},
                                        {"answer": "done"}))
     rt, _ = fake_runtime(MODEL, assistant=engine)
     async with rt:
-        t0 = time.perf_counter()
-        await rt.run_agent(Agent("napper", "assistant", "", [nap], parallel_calls=4), "nap")
-        assert time.perf_counter() - t0 < 0.6
+        await rt.load("assistant")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await first.wait()
+            await anyio.wait_all_tasks_blocked()  # whatever else the agent would start has started
+            under_way = len(naps)
+            release.set()
+    assert under_way == 4  # the four calls run at once; one after another, only the first would be under way
+    assert results[0].answer == "done"

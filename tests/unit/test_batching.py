@@ -77,12 +77,14 @@ async def test_concurrent_submits_within_max_wait_make_one_call() -> None:
     assert outcomes == {i: i * 10 for i in range(5)}
 
 
+@pytest.mark.virtual_clock
 @pytest.mark.anyio
 async def test_batch_closes_early_when_it_reaches_max_batch_size() -> None:
     fn = Recorder()
     batcher = MicroBatcher(fn, max_batch_size=4, max_wait=60.0)
-    with anyio.fail_after(5):  # full batches never wait for max_wait
-        await _gather(batcher, list(range(8)))
+    start = anyio.current_time()
+    await _gather(batcher, list(range(8)))
+    assert anyio.current_time() == start  # full batches never wait for max_wait (virtual seconds)
     assert fn.sizes == [4, 4]
 
 
@@ -96,14 +98,32 @@ async def test_ten_submits_with_max_batch_size_four_run_as_four_four_two() -> No
     assert outcomes == {i: i * 10 for i in range(10)}
 
 
+@pytest.mark.virtual_clock
 @pytest.mark.anyio
-async def test_lone_submit_runs_alone_after_about_max_wait() -> None:
+async def test_lone_submit_runs_alone_after_max_wait() -> None:
     fn = Recorder()
     batcher = MicroBatcher(fn, max_wait=0.05)
     start = anyio.current_time()
     assert await batcher.submit(7) == 70
-    assert anyio.current_time() - start < 2.0
+    assert anyio.current_time() - start == pytest.approx(0.05)  # virtual seconds: exactly max_wait, no more
     assert fn.calls == [[7]]
+
+
+@pytest.mark.virtual_clock
+@pytest.mark.anyio
+async def test_a_submit_within_max_wait_joins_the_batch_and_one_after_it_starts_the_next() -> None:
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_wait=0.05)
+
+    async def submit_at(when: float, item: int) -> None:
+        await anyio.sleep(when)
+        await batcher.submit(item)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(submit_at, 0, 1)
+        tg.start_soon(submit_at, 0.049, 2)
+        tg.start_soon(submit_at, 0.051, 3)
+    assert fn.calls == [[1, 2], [3]]
 
 
 @pytest.mark.anyio

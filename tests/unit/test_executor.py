@@ -79,6 +79,7 @@ async def test_retrieve_then_reason_renders_output_from_answer_and_passages(fake
     assert "why do sea otters hold hands?" in assistant.calls[0].prompt
 
 
+@pytest.mark.virtual_clock  # token delays take virtual time: the order is exact
 async def test_independent_stages_overlap_and_dependent_stage_waits(fake_runtime) -> None:
     rt, _ = fake_runtime(
         """
@@ -134,6 +135,7 @@ async def test_tool_call_json_that_violates_the_schema_names_the_path(fake_runti
     assert "at city" in str(caught.value.cause)
 
 
+@pytest.mark.virtual_clock  # token delays take virtual time: the order is exact
 async def test_failing_stage_cancels_a_slow_sibling_and_aborts_its_request(fake_runtime) -> None:
     slow = FakeGenerateEngine(SLOW_WORDS, token_delay=0.05)
     rt, _ = fake_runtime(
@@ -160,6 +162,7 @@ async def test_failing_stage_cancels_a_slow_sibling_and_aborts_its_request(fake_
     assert slow.unfinished_requests() == 0
 
 
+@pytest.mark.virtual_clock  # token delays take virtual time: the order is exact
 async def test_stage_timeout_fails_the_run_saying_timed_out(fake_runtime) -> None:
     rt, _ = fake_runtime(
         """
@@ -180,14 +183,8 @@ async def test_stage_timeout_fails_the_run_saying_timed_out(fake_runtime) -> Non
     assert rt.spec.models  # the runtime stays usable after a failed run
 
 
-async def test_cancelling_a_run_aborts_the_engine_request(fake_runtime) -> None:
-    streaming = anyio.Event()
-
-    def reply(prompt: str, options: Any) -> str:
-        streaming.set()
-        return SLOW_WORDS
-
-    assistant = FakeGenerateEngine(reply, token_delay=0.05)
+async def test_cancelling_a_run_aborts_the_engine_request(fake_runtime, held) -> None:
+    assistant = held(SLOW_WORDS, before_hold=2)
     rt, _ = fake_runtime(
         """
         models:
@@ -203,8 +200,7 @@ async def test_cancelling_a_run_aborts_the_engine_request(fake_runtime) -> None:
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(rt.run, "chat")
-                await streaming.wait()
-                await anyio.sleep(0.1)  # let it stream a couple of tokens
+                await assistant.holding.wait()  # it has streamed two tokens and is mid-request
                 scope.cancel()
 
         assert scope.cancelled_caught

@@ -21,6 +21,7 @@ models:
 """
 
 
+@pytest.mark.virtual_clock  # token delays take virtual time: the order is exact
 async def test_sixteen_concurrent_calls_reach_the_engine_together(fake_runtime: Any) -> None:
     engine = FakeGenerateEngine("a b c d", token_delay=0.01)
     rt, _ = fake_runtime(CHAT, assistant=engine)
@@ -35,6 +36,7 @@ async def test_sixteen_concurrent_calls_reach_the_engine_together(fake_runtime: 
     assert last_start < first_end  # every call was inside the engine before any finished: one batch
 
 
+@pytest.mark.virtual_clock  # token delays take virtual time: the order is exact
 async def test_calls_past_the_slots_wait_and_then_run(fake_runtime: Any) -> None:
     engine = FakeGenerateEngine("a b c d", token_delay=0.01)
     rt, _ = fake_runtime(CHAT.replace("parallel: 16", "parallel: 4"), assistant=engine)

@@ -70,6 +70,7 @@ pipelines:
 """
 
 
+@pytest.mark.virtual_clock  # token delays take virtual time: the order is exact
 async def test_for_each_runs_items_concurrently_and_keeps_their_order(fake_runtime) -> None:
     words = ["alpha", "beta", "gamma", "delta"]
 

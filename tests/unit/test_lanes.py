@@ -475,11 +475,9 @@ async def test_a_full_queue_refuses_at_once_while_admitted_calls_complete() -> N
                     await anyio.wait_all_tasks_blocked()
                 assert row(pool, "a")["queued"] == 2
 
-                started = time.perf_counter()
                 with pytest.raises(QueueFullError) as caught:
                     await pool.generate("a", HI, SHORT)
-                assert time.perf_counter() - started < 1.0
-                assert row(pool, "a")["busy"] == 1  # the running call had not finished when it was refused
+                assert row(pool, "a")["busy"] == 1  # refused at once: the running call is still held open
                 rest = [chunk.text async for chunk in stream]
 
     message = str(caught.value)

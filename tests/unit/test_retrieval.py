@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import queue
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from multilane.errors import IndexBuildError
 from multilane.retrieval import (
@@ -23,6 +28,7 @@ from multilane.retrieval import (
     collect_documents,
     open_index,
 )
+from multilane.retrieval.store import build_lock
 
 DIM = 64
 
@@ -256,6 +262,98 @@ async def test_cancelled_build_keeps_the_previous_build(tmp_path: Path) -> None:
     assert build_folders(tmp_path) == [first.path.name]
     (tmp_path / "docs" / "long.md").unlink()
     assert (await open_docs(tmp_path, FakeEmbedder())).status == "reused"
+
+
+class HeldEmbedder(FakeEmbedder):
+    """Reports its first embed call on a queue, then holds it until the test sets `go`."""
+
+    def __init__(self, who: str, messages: Any, go: Any) -> None:
+        super().__init__()
+        self.who, self.messages, self.go = who, messages, go
+        self.holding = True
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.holding:
+            self.holding = False
+            self.messages.put((self.who, "embedding"))
+            await anyio.to_thread.run_sync(self.go.wait)
+        return await super().embed(texts)
+
+
+def build_in_child(base: str, who: str, messages: Any, go: Any) -> None:
+    """Open the index in a process of its own; report waiting for the lock, embedding, and the outcome."""
+
+    def report_waiting(logger: Any, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+        if event["event"] == "index.waiting_for_build":
+            messages.put((who, "waiting"))
+        raise structlog.DropEvent
+
+    async def main() -> None:
+        embedder = HeldEmbedder(who, messages, go)
+        opened = await open_docs(Path(base), embedder)
+        embedder.holding = False  # the search below embeds its query: not part of the build
+        hits = await opened.search(["puffins"], 1)
+        messages.put((who, "done", opened.status, str(opened.path), hits[0][0].chunk.source))
+
+    structlog.configure(processors=[report_waiting])
+    anyio.run(main)
+
+
+def next_message(messages: Any, children: Sequence[BaseProcess]) -> Any:
+    """The next message from the children, failing as soon as one of them has crashed."""
+    while True:
+        try:
+            return messages.get(timeout=0.5)
+        except queue.Empty:
+            crashed = [child.exitcode for child in children if child.exitcode not in (None, 0)]
+            assert not crashed, f"a child process failed with exit code {crashed}"
+
+
+def test_two_processes_building_one_index_make_one_build_and_the_second_reuses_it(tmp_path: Path) -> None:
+    write_docs(tmp_path, DOCS)
+    spawn = multiprocessing.get_context("spawn")
+    messages = spawn.Queue()
+    go = {who: spawn.Event() for who in "ab"}
+    children = {who: spawn.Process(target=build_in_child, args=(str(tmp_path), who, messages, go[who]))
+                for who in "ab"}
+    try:
+        children["a"].start()
+        assert next_message(messages, list(children.values())) == ("a", "embedding")  # a is mid-build
+        children["b"].start()
+        meanwhile = next_message(messages, list(children.values()))  # b waits for a, or (the bug) builds too
+        go["a"].set()
+        go["b"].set()
+        done = sorted(next_message(messages, list(children.values())) for _ in range(2))
+    finally:
+        for event in go.values():
+            event.set()
+        for child in children.values():
+            child.join(60)
+            if child.is_alive():
+                child.kill()
+
+    (_, _, status_a, path_a, hit_a), (_, _, status_b, path_b, hit_b) = done
+    assert (status_a, status_b) == ("built", "reused")
+    assert path_a == path_b and Path(path_a).is_dir()  # neither deleted the other's build
+    assert build_folders(tmp_path) == [Path(path_a).name]
+    assert (tmp_path / "indexes" / "docs" / "CURRENT").read_text().strip() == Path(path_a).name
+    assert hit_a == hit_b == "docs/puffins.md"
+    assert meanwhile == ("b", "waiting")
+
+
+@pytest.mark.anyio
+async def test_waiting_for_another_build_can_be_cancelled(tmp_path: Path) -> None:
+    write_docs(tmp_path, DOCS)
+    embedder = FakeEmbedder()
+    async with build_lock(tmp_path / "indexes" / "docs", "docs"):  # as another process building it would
+        with capture_logs() as logs, anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(open_docs, tmp_path, embedder)
+                while not any(e["event"] == "index.waiting_for_build" for e in logs):
+                    await anyio.wait_all_tasks_blocked()
+                scope.cancel()
+    assert scope.cancelled_caught and embedder.calls == 0 and build_folders(tmp_path) == []
+    assert (await open_docs(tmp_path, embedder)).status == "built"  # the lock was given back
 
 
 @pytest.mark.anyio

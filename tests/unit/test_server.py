@@ -82,8 +82,8 @@ def chat(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
     return {"model": "assistant", "messages": [{"role": "user", "content": content}], **extra}
 
 
-async def call_asgi(app: Any, path: str, body: dict[str, Any], *, disconnect_after: float) -> list[dict[str, Any]]:
-    """Drive the app as a server would for a client that hangs up after `disconnect_after` seconds."""
+async def call_asgi(app: Any, path: str, body: dict[str, Any], *, disconnect: anyio.Event) -> list[dict[str, Any]]:
+    """Drive the app as a server would for a client that hangs up when `disconnect` is set."""
     raw = json.dumps(body).encode()
     sent: list[dict[str, Any]] = []
     delivered = False
@@ -93,7 +93,7 @@ async def call_asgi(app: Any, path: str, body: dict[str, Any], *, disconnect_aft
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": raw, "more_body": False}
-        await anyio.sleep(disconnect_after)
+        await disconnect.wait()
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
@@ -454,13 +454,14 @@ async def test_ollama_keep_alive_is_honoured_on_each_call(serve: Any) -> None:
         later = (await s.client.get("/api/ps")).json()["models"][0]
         await s.client.post("/api/generate", json={"model": "assistant", "prompt": "hi", "keep_alive": 0,
                                                    "stream": False})
-        await anyio.sleep(0.05)
+        await anyio.wait_all_tasks_blocked()  # the reaper, woken when the lane went idle, has done its work
         gone = (await s.client.get("/api/ps")).json()["models"]
+        closed = s.engines["assistant"].closed
         bad = await s.client.post("/api/generate", json={"model": "assistant", "prompt": "hi",
                                                          "keep_alive": "soon"})
     assert pinned["multilane"]["keep_alive"] == "forever" and pinned["expires_at"].startswith("2318")
     assert later["multilane"]["keep_alive"] == "2m"
-    assert gone == []
+    assert gone == [] and closed
     assert bad.status_code == 422 and "keep_alive" in bad.json()["error"]
 
 
@@ -537,9 +538,10 @@ async def test_a_failing_streamed_run_ends_with_an_error_event(serve: Any) -> No
 # ---- errors
 
 
-async def test_queue_full_is_a_503_with_retry_after(serve: Any) -> None:
-    async with serve(assistant=FakeGenerateEngine("w " * 20, token_delay=0.01)) as s:
-        replies = await _concurrently(lambda: s.client.post("/v1/chat/completions", json=chat()), 5)
+async def test_queue_full_is_a_503_with_retry_after(serve: Any, held: Any) -> None:
+    engine = held("w " * 20)
+    async with serve(assistant=engine) as s:
+        replies = await _concurrently(lambda: s.client.post("/v1/chat/completions", json=chat()), 5, held=engine)
     codes = sorted(r.status_code for r in replies)
     assert codes == [200, 200, 200, 503, 503]  # 2 slots + 1 queued
     refused = next(r for r in replies if r.status_code == 503)
@@ -548,10 +550,11 @@ async def test_queue_full_is_a_503_with_retry_after(serve: Any) -> None:
     assert "queue is full" in refused.json()["error"]["message"]
 
 
-async def test_queue_full_on_ollama_routes_is_a_503_with_an_ollama_body(serve: Any) -> None:
-    async with serve(assistant=FakeGenerateEngine("w " * 20, token_delay=0.01)) as s:
+async def test_queue_full_on_ollama_routes_is_a_503_with_an_ollama_body(serve: Any, held: Any) -> None:
+    engine = held("w " * 20)
+    async with serve(assistant=engine) as s:
         replies = await _concurrently(lambda: s.client.post("/api/generate", json={
-            "model": "assistant", "prompt": "hi"}), 4)
+            "model": "assistant", "prompt": "hi"}), 4, held=engine)
     refused = [r for r in replies if r.status_code == 503]
     assert len(refused) == 1 and isinstance(refused[0].json()["error"], str)
     assert refused[0].headers["retry-after"] == "1"
@@ -616,16 +619,18 @@ async def test_a_stage_error_is_mapped_by_its_cause(serve: Any) -> None:
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
-async def test_memory_budget_refusal_is_a_503(serve: Any) -> None:
+async def test_memory_budget_refusal_is_a_503(serve: Any, held: Any) -> None:
     spec = SPEC.replace("runtime: {max_queue: 1}", "runtime: {max_queue: 1, max_loaded_models: 1}")
-    async with serve(spec, assistant=FakeGenerateEngine("w " * 50, token_delay=0.01)) as s:
+    engine = held("w " * 50)
+    async with serve(spec, assistant=engine) as s:
         async with anyio.create_task_group() as tg:
             async def busy() -> None:
                 await s.client.post("/v1/chat/completions", json=chat())
 
             tg.start_soon(busy)
-            await anyio.sleep(0.1)
+            await engine.holding.wait()  # the only lane allowed is loaded and mid-call: it cannot be evicted
             r = await s.client.post("/v1/embeddings", json={"model": "embedder", "input": "x"})
+            engine.release.set()
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "memory_budget"
     assert "max_loaded_models" in r.json()["error"]["message"]
@@ -655,18 +660,20 @@ async def test_an_unexpected_crash_is_a_500_without_a_trace(serve: Any) -> None:
     assert r.json()["error"]["code"] == "internal_error"
 
 
-async def test_a_failure_mid_stream_is_sent_as_an_error_event(serve: Any) -> None:
-    engine = FakeGenerateEngine("a b c d e f", token_delay=0.01)
+async def test_a_failure_mid_stream_is_sent_as_an_error_event(serve: Any, held: Any) -> None:
+    engine = held("a b c d e f", before_hold=2)
     async with serve(assistant=engine) as s:
         async with anyio.create_task_group() as tg:
             async def kill_soon() -> None:
-                await anyio.sleep(0.025)
+                await engine.holding.wait()  # two tokens are out: the engine dies mid-stream
                 engine.kill()
+                engine.release.set()
 
             tg.start_soon(kill_soon)
             r = await s.client.post("/v1/chat/completions", json=chat(stream=True))
     events = sse_events(r.text)
     assert r.status_code == 200
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2]) == "a b "
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "engine_error"
 
@@ -750,28 +757,41 @@ async def test_the_lifespan_opens_and_closes_the_runtime(serve: Any) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_client_that_disconnects_aborts_its_request_and_frees_its_slot(serve: Any, stream: bool) -> None:
-    engine = FakeGenerateEngine("word " * 200, token_delay=0.01)
+async def test_a_client_that_disconnects_aborts_its_request_and_frees_its_slot(serve: Any, stream: bool,
+                                                                               held: Any) -> None:
+    engine = held("word " * 200)  # holds mid-request: only an abort can end it
     async with serve(assistant=engine) as s:
-        with anyio.fail_after(5):
-            sent = await call_asgi(s.app, "/v1/chat/completions", chat(stream=stream), disconnect_after=0.1)
+        hang_up = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hang_up_mid_generation, engine, hang_up)
+            sent = await call_asgi(s.app, "/v1/chat/completions", chat(stream=stream), disconnect=hang_up)
         lane = s.runtime.pool.loaded("assistant")
         assert lane is not None and lane.busy == 0
         (call,) = engine.calls
         assert call.aborted and call.finished is not None
-        assert call.finished - call.started < 1.0
+        assert engine.unfinished_requests() == 0
     assert not any(m.get("status") == 200 and not stream for m in sent)
 
 
-async def test_a_client_that_disconnects_from_a_pipeline_run_cancels_it(serve: Any) -> None:
-    engine = FakeGenerateEngine("word " * 200, token_delay=0.01)
+async def test_a_client_that_disconnects_from_a_pipeline_run_cancels_it(serve: Any, held: Any) -> None:
+    engine = held("word " * 200)
     async with serve(assistant=engine) as s:
-        with anyio.fail_after(5):
+        hang_up = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hang_up_mid_generation, engine, hang_up)
             await call_asgi(s.app, "/v1/pipelines/echo/runs", {"inputs": {"question": "q"}, "stream": True},
-                            disconnect_after=0.1)
+                            disconnect=hang_up)
         lane = s.runtime.pool.loaded("assistant")
         assert lane is not None and lane.busy == 0
-        assert engine.calls[0].aborted
+        assert engine.calls[0].aborted and engine.unfinished_requests() == 0
+
+
+async def hang_up_mid_generation(engine: Any, hang_up: anyio.Event) -> None:
+    """Hang up once the held request is mid-generation, then let the engine go on."""
+    await engine.holding.wait()
+    hang_up.set()
+    await anyio.wait_all_tasks_blocked()  # by now the server has aborted the request, or never will
+    engine.release.set()  # a request still running now finishes unaborted, and the test fails (not hangs)
 
 
 # ---- multilane ps --url
@@ -811,7 +831,8 @@ def test_ps_without_file_or_url_is_a_usage_error() -> None:
     assert result.exit_code == 2
 
 
-async def _concurrently(call: Callable[[], Any], n: int) -> list[httpx.Response]:
+async def _concurrently(call: Callable[[], Any], n: int, *, held: Any = None) -> list[httpx.Response]:
+    """Make n calls at once; a held engine is released once every call is either answered or waiting."""
     replies: list[httpx.Response] = []
 
     async def one() -> None:
@@ -820,6 +841,10 @@ async def _concurrently(call: Callable[[], Any], n: int) -> list[httpx.Response]
     async with anyio.create_task_group() as tg:
         for _ in range(n):
             tg.start_soon(one)
+        if held is not None:
+            await held.holding.wait()
+            await anyio.wait_all_tasks_blocked()
+            held.release.set()
     return replies
 
 

@@ -1,19 +1,25 @@
-"""Build, persist and reopen named indexes; a build is reused while its fingerprint matches."""
+"""Build, persist and reopen named indexes; a build is reused while its fingerprint matches.
+
+Builds of one index take a file lock, so that processes building it at once (two `multilane index build`,
+or several servers starting) make one build: the others wait, then reuse it. Reading an index takes no lock.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio.to_thread
+import filelock
 import numpy as np
 import structlog
 
@@ -34,6 +40,8 @@ log = structlog.get_logger(__name__)
 FORMAT_VERSION = 1
 EMBED_BATCH = 64
 STALE_PARTIAL_SECONDS = 3600  # a build folder without a manifest older than this is a crashed build
+LOCK_FILE = ".build.lock"
+LOCK_POLL_SECONDS = 0.1  # how often a process waiting for another's build tries the lock
 
 Status = Literal["built", "rebuilt", "reused"]
 Progress = Callable[[int, int], None]
@@ -142,12 +150,45 @@ async def open_index(
                      documents=len(documents), chunks=loaded.ntotal, device=loaded.device)
             return OpenedIndex(name=name, status="reused", fingerprint=fp, documents=len(documents),
                                path=index_dir / current, index=loaded, embedder=embedder)
-    status: Status = "rebuilt" if current is not None else "built"
-    folder, index = await _build(
-        name, index_dir, fp, documents, embedder, chunk_tokens, chunk_overlap, progress
-    )
+    async with build_lock(index_dir, name):
+        latest = await anyio.to_thread.run_sync(_read_current, index_dir)
+        if latest is not None and latest != current:  # another process built it while we waited
+            loaded = await anyio.to_thread.run_sync(_try_load, index_dir, latest, fp, embedder.dimension)
+            if loaded is not None:
+                log.info("index.reused", index=name, path=str(index_dir / latest), documents=len(documents),
+                         chunks=loaded.ntotal, device=loaded.device, built_by="another process")
+                return OpenedIndex(name=name, status="reused", fingerprint=fp, documents=len(documents),
+                                   path=index_dir / latest, index=loaded, embedder=embedder)
+        status: Status = "rebuilt" if latest is not None else "built"
+        folder, index = await _build(
+            name, index_dir, fp, documents, embedder, chunk_tokens, chunk_overlap, progress
+        )
     return OpenedIndex(name=name, status=status, fingerprint=fp, documents=len(documents),
                        path=folder, index=index, embedder=embedder)
+
+
+@contextlib.asynccontextmanager
+async def build_lock(index_dir: Path, name: str) -> AsyncIterator[None]:
+    """Hold index `name`'s build lock, across processes; waiting for it can be cancelled."""
+    index_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - one metadata call, not worth a thread
+    lock = filelock.FileLock(index_dir / LOCK_FILE)
+    waiting = False
+    while True:
+        # A non-blocking try is one flock call, quick enough for the event loop; between tries we sleep on the
+        # loop, so a cancelled caller stops waiting at once (a blocking acquire in a thread could not).
+        try:
+            lock.acquire(blocking=False)
+            break
+        except filelock.Timeout:
+            if not waiting:
+                waiting = True
+                log.info("index.waiting_for_build", index=name, lock=str(index_dir / LOCK_FILE),
+                         reason="another process is building this index")
+            await anyio.sleep(LOCK_POLL_SECONDS)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 async def _build(
