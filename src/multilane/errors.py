@@ -100,3 +100,11 @@ class ItemError(MultilaneError):
         shown = repr(item)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         super().__init__(f"for_each item {index + 1} of {count} ({shown}): {cause}")
+
+
+class CorpusError(MultilaneError):
+    """A bundled corpus (such as the Python reference) could not be read or exported."""
+
+
+class DatasetError(MultilaneError):
+    """An evaluation dataset is malformed; the message names the file, line and field."""
