@@ -1,5 +1,6 @@
 """Multilane: a multi-lane asyncio runtime for agent and RAG pipelines on resident local models."""
 
+import logging as _logging
 import os as _os
 
 # Models come from local sources only; nothing is fetched from a model hub (set HF_HUB_OFFLINE=0 to allow it).
@@ -26,10 +27,16 @@ from multilane.errors import (
     TemplateError,
     UnknownNameError,
 )
+from multilane.logs import library_defaults as _library_defaults
 from multilane.pipeline.executor import RunEvent, RunResult, StageEvent
 from multilane.project import load_spec, parse_spec
 from multilane.runtime import Runtime
 from multilane.spec import Spec
+
+# A library prints nothing: the application decides what to do with Multilane's logs (`multilane -v` shows them).
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+# The modules above import vLLM, torch and transformers only when a model loads, so this still comes first.
+_library_defaults()
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,8 @@ app = typer.Typer(help="Multilane: agent and RAG pipelines on resident local mod
 index_app = typer.Typer(help="Build and inspect document indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress (info level) to stderr.")]
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                      help="Log progress to stderr; -vv also debug and the model libraries' logs.")]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -80,9 +81,9 @@ def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
         pipeline: Annotated[str, typer.Argument(help="Pipeline to run.")],
         input: Annotated[list[str] | None, typer.Option("--input", "-i", help="An input as key=value.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
-        verbose: Verbose = False) -> None:
+        verbose: Verbose = 0) -> None:
     """Run a pipeline once and print its output."""
-    configure_logging("info" if verbose else "warning")
+    configure_logging(verbose)
     from multilane.runtime import Runtime
 
     async def go() -> None:
@@ -106,7 +107,7 @@ def validate(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")]
     The YAML, names, templates and JSON schemas are checked. When the file declares or uses agents, their
     Python files (the agents/ folder and allowed modules only) are imported, so that the agents are checked too.
     """
-    configure_logging("warning")
+    configure_logging()
     from multilane.project import load_spec
 
     try:
@@ -122,9 +123,9 @@ def validate(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")]
 def index_build(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
                 index: Annotated[str, typer.Argument(help="Index to build.")],
                 rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild even if unchanged.")] = False,
-                verbose: Verbose = False) -> None:
+                verbose: Verbose = 0) -> None:
     """Build (or reuse, when its documents are unchanged) a declared index."""
-    configure_logging("info" if verbose else "warning")
+    configure_logging(verbose)
     from multilane.runtime import Runtime
 
     async def go() -> None:
@@ -143,9 +144,9 @@ def ps(file: Annotated[Path | None, typer.Argument(help="Pipeline file (YAML); n
        api_key: Annotated[str | None, typer.Option("--api-key", envvar="MULTILANE_API_KEY",
                                                    help="The server's API key (with --url).")] = None,
        as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
-       verbose: Verbose = False) -> None:
+       verbose: Verbose = 0) -> None:
     """Show the lanes of a pipeline file (what each model costs, what is loaded after --load) or of a server."""
-    configure_logging("info" if verbose else "warning")
+    configure_logging(verbose)
     if url is not None:
         _ps_url(url, api_key, as_json)
         return
@@ -213,9 +214,9 @@ def serve(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
           max_body: Annotated[str, typer.Option("--max-body", help="Largest request body, e.g. 4MiB.")] = "4MiB",
           max_tokens: Annotated[int, typer.Option("--max-tokens",
                                                   help="max_tokens of calls that give none.")] = 512,
-          verbose: Verbose = False) -> None:
+          verbose: Verbose = 0) -> None:
     """Serve a pipeline file over HTTP: OpenAI- and Ollama-compatible routes, pipeline runs, metrics."""
-    configure_logging("info" if verbose else "warning")
+    configure_logging(verbose)
     from multilane.server import serve as run_server
     from multilane.spec import parse_size
 
@@ -269,9 +270,9 @@ def format_plans(spec: Any, plans: dict[str, Any], usage: dict[str, Any]) -> str
 def bench(suites: Annotated[list[str] | None, typer.Argument(
               help="Suites to run: throughput, embedding, search, rag, swap (default: all).")] = None,
           folder: Annotated[Path, typer.Option("--dir", help="The benchmarks folder.")] = Path("bench"),
-          verbose: Verbose = False) -> None:
+          verbose: Verbose = 0) -> None:
     """Run the benchmarks under bench/ and write a table, JSON and a chart to bench/results/."""
-    configure_logging("info" if verbose else "warning")
+    configure_logging(verbose)
     import importlib.util
 
     script = folder / "suites.py"

@@ -334,11 +334,20 @@ class Runtime:
         return self._agents[name]
 
     async def run_agent(self, agent: str | Agent, task: str) -> AgentResult:
-        """Run an agent (by name, or an Agent object) on a task until it answers; see AgentResult."""
+        """Run an agent (by name, or an Agent object) on a task until it answers; see AgentResult.
+
+        Raises UnknownNameError before anything runs when the agent (or a sub-agent) names a model or index
+        that the pipeline file does not declare.
+        """
         from multilane.agents import run_agent
+        from multilane.project import check_agent
 
         self._check_open()
-        return await run_agent(self.agent(agent) if isinstance(agent, str) else agent, task, self)
+        resolved = self.agent(agent) if isinstance(agent, str) else agent
+        problems = check_agent(resolved, self.spec)  # an agent defined in a script was never checked
+        if problems:
+            raise UnknownNameError("; ".join(problems))
+        return await run_agent(resolved, task, self)
 
     @asynccontextmanager
     async def stream(self, pipeline: str, inputs: Mapping[str, Any] | None = None, /,

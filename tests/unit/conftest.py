@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -17,6 +19,7 @@ from trio.testing import MockClock
 
 from multilane import Runtime, SamplingOptions, Spec, parse_spec
 from multilane.engines.base import Chunk
+from multilane.logs import LOGGER, route_to_logging
 from multilane.testing import FakeEmbeddingEngine, FakeGenerateEngine
 
 Engine = FakeGenerateEngine | FakeEmbeddingEngine
@@ -32,10 +35,24 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    """The CLI and some tests configure structlog globally; give every test the defaults back."""
+def _reset_logging() -> Iterator[None]:
+    """The CLI and some tests configure structlog and logging globally; give every test the library's defaults back.
+
+    `multilane -vv` also turns the libraries underneath loud through the environment: that is undone too.
+    """
+    root, package, vllm = logging.getLogger(), logging.getLogger(LOGGER), logging.getLogger("vllm")
+    handlers, vllm_handlers, levels = list(root.handlers), list(vllm.handlers), (root.level, package.level)
+    environ = dict(os.environ)
     yield
+    os.environ.clear()
+    os.environ.update(environ)
+    vllm.handlers[:] = vllm_handlers
     structlog.reset_defaults()
+    route_to_logging()
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(levels[0])
+    package.setLevel(levels[1])
 
 
 class FakeEngines:

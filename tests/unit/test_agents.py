@@ -620,6 +620,20 @@ async def test_run_agent_names_the_known_agents_when_the_name_is_wrong(fake_runt
             await rt.run_agent("reseacher", "x")
 
 
+async def test_an_agent_defined_in_a_script_is_checked_against_the_file_before_it_runs(fake_runtime) -> None:
+    engine = FakeGenerateEngine(script({"tool": "search", "arguments": {"query": "lava"}}, {"answer": "made up"}))
+    rt, _ = fake_runtime(WITH_INDEX, assistant=engine)
+    typo_index = Agent("clerk", "assistant", "", [search_tool(index="dcos")])
+    typo_model = Agent("boss", "assistant", "", [Agent("helper", "asistant", "").as_tool()])
+    async with rt:
+        with pytest.raises(UnknownNameError, match=r"agent 'clerk' \(.*\) tool 'search' searches unknown index 'dcos' "
+                                                   r"\(declared: docs\)"):
+            await rt.run_agent(typo_index, "What is lava?")
+        with pytest.raises(UnknownNameError, match=r"agent 'helper' .* uses unknown model 'asistant'"):
+            await rt.run_agent(typo_model, "go")
+    assert engine.calls == []  # refused before the model ran, not answered without passages
+
+
 def test_an_unknown_agent_in_a_stage_is_a_spec_error_with_its_line(make_spec, agents_dir: Path) -> None:
     with pytest.raises(SpecError) as info:
         make_spec(AGENT_PIPELINE.replace("agent: supervisor", "agent: supervsor"))

@@ -199,6 +199,25 @@ def test_run_prints_the_output(cli: CliRunner, tmp_path: Path, fake_models: dict
     assert result.stdout.strip() == "Lava is surface magma."
 
 
+def test_run_logs_nothing_by_default_and_its_progress_with_v(cli: CliRunner, tmp_path: Path,
+                                                              fake_models: dict[str, int]) -> None:
+    write_docs(tmp_path)
+    path = str(write(tmp_path, PIPELINE))
+    args = ["run", path, "ask", "-i", "question=what is lava?"]
+    quiet = cli.invoke(app, args)
+    verbose = cli.invoke(app, [*args, "-v"])
+    debug = cli.invoke(app, [*args, "-vv"])
+
+    assert quiet.exit_code == verbose.exit_code == debug.exit_code == 0
+    # Without -v: the answer on stdout; stderr has only the index build's progress line.
+    assert [line for line in quiet.stderr.splitlines() if not line.startswith("index 'docs':")] == []
+    for result in (verbose, debug):
+        assert result.stdout.strip() == "Lava is surface magma."  # logs never go to stdout
+        assert "run started" in result.stderr and "pipeline=ask" in result.stderr
+    assert "stage started" not in verbose.stderr  # a debug event
+    assert "stage started" in debug.stderr
+
+
 def test_run_json_prints_the_whole_result(cli: CliRunner, tmp_path: Path, fake_models: dict[str, int]) -> None:
     write_docs(tmp_path)
     result = cli.invoke(app, ["run", str(write(tmp_path, PIPELINE)), "ask", "-i", "question=what is lava?",

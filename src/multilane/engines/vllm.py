@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -20,9 +21,12 @@ log = structlog.get_logger(__name__)
 _OWNED_OPTIONS = frozenset({"model", "max_model_len", "max_num_seqs", "kv_cache_memory_bytes", "dtype"})
 
 
-def _quiet_vllm() -> None:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+def _quiet_vllm(options: dict[str, Any]) -> None:
+    """Keep vLLM's start-up out of the user's terminal unless asked for (multilane.logs sets the rest)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # "Loading safetensors checkpoint shards" bars: an engine argument, not a variable; on with vLLM's info logs.
+    options.setdefault("use_tqdm_on_load", os.environ["VLLM_LOGGING_LEVEL"].upper() in ("DEBUG", "INFO"))
 
 
 class VLLMEngine:
@@ -41,8 +45,8 @@ class VLLMEngine:
                    kv_cache_bytes: int | None = None,
                    options: Mapping[str, Any] | None = None) -> VLLMEngine:
         """Start an engine for a prepared checkpoint folder (the engine core runs in a child process)."""
-        _quiet_vllm()
         options = dict(options or {})
+        _quiet_vllm(options)
         owned = sorted(_OWNED_OPTIONS & options.keys())
         if owned:
             raise EngineError(f"engine option(s) {', '.join(owned)} are set by Multilane from the model's "
@@ -133,8 +137,21 @@ class VLLMEngine:
                 # Stop reading outputs before the core goes, or the handler logs the core's exit as a death.
                 handler.cancel()
                 await asyncio.wait([handler])
-            await anyio.to_thread.run_sync(lambda: box.pop().shutdown())
+            await anyio.to_thread.run_sync(lambda: _shutdown(box.pop()))
         gc.collect()  # run AsyncLLM.__del__ now, not at interpreter exit when its globals are gone
+
+
+# vLLM gives its engine core 5 s to exit before it kills the process tree, which a busy CPU overruns (the core
+# waits for its workers, then tears down); a killed core leaves its shared memory to the resource tracker, which
+# warns about "leaked shared_memory objects" when the program exits. A clean exit takes what it takes.
+_SHUTDOWN_SECONDS = 60.0
+
+
+def _shutdown(llm: Any) -> None:
+    if "timeout" in inspect.signature(llm.shutdown).parameters:  # older vLLM releases take no timeout
+        llm.shutdown(timeout=_SHUTDOWN_SECONDS)
+    else:
+        llm.shutdown()
 
 
 class _Dead(Exception):
