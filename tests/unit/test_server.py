@@ -373,6 +373,21 @@ async def test_embeddings_as_floats_and_base64(serve: Any) -> None:
     assert np.allclose(decoded, data[0]["embedding"])
 
 
+async def test_embeddings_take_token_ids_decoded_by_the_embedders_tokenizer(serve: Any) -> None:
+    async with serve() as s:
+        one = await s.client.post("/v1/embeddings", json={"model": "embedder", "input": [5, 6, 7]})
+        many = await s.client.post("/v1/embeddings", json={"model": "embedder", "input": [[5, 6], [8]]})
+        text = await s.client.post("/v1/embeddings", json={"model": "embedder", "input": "t5 t6 t7"})
+        outside = await s.client.post("/v1/embeddings", json={"model": "embedder", "input": [[5], [99999]]})
+        embedded = s.engines["embedder"].calls
+    assert one.status_code == 200, one.text
+    assert embedded[:2] == [["t5 t6 t7"], ["t5 t6", "t8"]]  # the fake's vocabulary: id n is the word "tn"
+    assert one.json()["data"][0]["embedding"] == text.json()["data"][0]["embedding"]
+    assert one.json()["usage"]["prompt_tokens"] == 3 and many.json()["usage"]["prompt_tokens"] == 3
+    assert [d["index"] for d in many.json()["data"]] == [0, 1]
+    assert outside.status_code == 422 and "token id 99999 is outside" in outside.json()["error"]["message"]
+
+
 async def test_models_lists_declared_models(serve: Any) -> None:
     async with serve() as s:
         r = await s.client.get("/v1/models")

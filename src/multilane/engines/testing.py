@@ -14,7 +14,7 @@ import anyio
 import numpy as np
 
 from multilane.engines.base import Chunk, Message, SamplingOptions
-from multilane.errors import EngineDeadError
+from multilane.errors import EngineDeadError, InputError
 
 Reply = str | Callable[[str, SamplingOptions], str]
 _WORD = re.compile(r"\S+")
@@ -129,8 +129,9 @@ class FakeEmbeddingEngine:
     """An embedding engine that hashes words into a normalised bag-of-words vector."""
 
     def __init__(self, dimension: int = 64, *, identity: str = "fake-embedding", device: str = "cpu",
-                 max_tokens: int = 256) -> None:
+                 max_tokens: int = 256, vocabulary: int = 1000) -> None:
         self.dimension = dimension
+        self.vocabulary = vocabulary
         self.identity = identity
         self.device = device
         self.max_tokens = max_tokens
@@ -155,6 +156,13 @@ class FakeEmbeddingEngine:
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """One token per whitespace-separated word."""
         return [m.span() for m in _WORD.finditer(text)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token id n is the word `tn`, for n below `vocabulary`; InputError for others."""
+        outside = next((i for i in ids if not 0 <= i < self.vocabulary), None)
+        if outside is not None:
+            raise InputError(f"token id {outside} is outside the fake vocabulary ({self.vocabulary} tokens)")
+        return " ".join(f"t{i}" for i in ids)
 
     async def close(self) -> None:
         """Mark the engine closed."""

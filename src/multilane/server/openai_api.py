@@ -9,13 +9,13 @@ from __future__ import annotations
 import base64
 import uuid
 from contextlib import aclosing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from multilane.engines.base import Completion, EmbeddingEngine, Message, SamplingOptions
+from multilane.engines.base import Completion, DecodingEmbeddingEngine, EmbeddingEngine, Message, SamplingOptions
 from multilane.runtime import Runtime
 from multilane.server.common import (
     SSE_HEADERS,
@@ -152,11 +152,18 @@ class CompletionRequest(_Sampled):
     echo: bool = False
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class EmbeddingRequest(_Open):
-    """The body of POST /v1/embeddings; `dimensions` is ignored (a model has one dimension)."""
+    """The body of POST /v1/embeddings; `dimensions` is ignored (a model has one dimension).
+
+    `input` is a text, a list of texts, or token ids of the embedder's own tokenizer (one list, or a list of
+    lists), which are decoded with that tokenizer and embedded as text.
+    """
 
     model: str
-    input: str | Annotated[list[str], Field(min_length=1)]
+    input: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
     keep_alive: KeepAlive = None
 
@@ -359,10 +366,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-    """Embed one text or a list of texts; `encoding_format: base64` gives little-endian float32 bytes."""
+    """Embed texts or token ids; `encoding_format: base64` gives little-endian float32 bytes."""
     rt = runtime_of(request)
     declared_model(rt, body.model, "embedding")
-    texts = [body.input] if isinstance(body.input, str) else body.input
+    ids = _token_ids(body.input)
+    texts = await _decoded(rt, body.model, ids) if ids is not None else (
+        [body.input] if isinstance(body.input, str) else cast(list[str], body.input))
     vectors: np.ndarray = await abort_on_disconnect(request, lambda: rt.embed(body.model, texts,
                                                                               keep_alive=body.keep_alive))
     data = []
@@ -373,5 +382,25 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     lane = rt.pool.loaded(body.model)
     tokens = (sum(len(lane.engine.token_spans(t)) for t in texts)
               if lane is not None and isinstance(lane.engine, EmbeddingEngine) else 0)
+    if ids is not None:
+        tokens = sum(len(row) for row in ids)  # the ids sent are the tokens
     return json_response({"object": "list", "data": data, "model": body.model,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _token_ids(given: Any) -> list[list[int]] | None:
+    """The token-id rows of an embeddings input, or None when it is text."""
+    if isinstance(given, list) and given and isinstance(given[0], int):
+        return [given]
+    if isinstance(given, list) and given and isinstance(given[0], list):
+        return cast(list[list[int]], given)
+    return None
+
+
+async def _decoded(rt: Runtime, model: str, ids: list[list[int]]) -> list[str]:
+    """Token ids turned back into text by the embedder's own tokenizer (the lane is loaded for it)."""
+    engine = (await rt.load(model)).engine
+    if not isinstance(engine, DecodingEmbeddingEngine):
+        raise ApiError(400, f"model '{model}' cannot take token ids: its engine has no tokenizer here; send text",
+                       code="token_ids_unsupported")
+    return [engine.decode(row) for row in ids]
