@@ -258,12 +258,17 @@ async def test_a_tool_parameter_called_name_stays_apart_from_the_call_wrapper(se
         "required": ["name", "country"], "additionalProperties": False}}}
     async with serve() as s:
         r = await s.client.post("/v1/chat/completions", json=chat(tools=[city], tool_choice="required"))
+        ollama = await s.client.post("/api/chat", json={"model": "assistant", "tools": [city], "stream": False,
+                                                       "messages": [{"role": "user", "content": "Paris?"}]})
         offered = [call.options.json_schema for call in s.engines["assistant"].calls]
     assert offered[0] == {"type": "object", "properties": {"final_result": city["function"]["parameters"]},
                           "required": ["final_result"], "additionalProperties": False}
+    call = offered[1]["anyOf"][0]
+    assert call["properties"].keys() == {"final_result"} and call["additionalProperties"] is False
     function = r.json()["choices"][0]["message"]["tool_calls"][0]["function"]
     assert function["name"] == "final_result"
     assert json.loads(function["arguments"]) == {"name": "text", "country": "text"}
+    assert ollama.json()["message"]["tool_calls"][0]["function"]["arguments"] == {"name": "text", "country": "text"}
 
 
 async def test_tools_auto_may_answer_in_plain_text(serve: Any) -> None:
@@ -320,6 +325,18 @@ async def test_earlier_tool_calls_and_results_are_passed_on_as_text(serve: Any) 
     assert r.status_code == 200
     assert '{"get_weather": {"city": "Oslo"}}' in prompt
     assert "Result of the function call get_weather: rain" in prompt
+
+
+async def test_a_response_format_beside_tools_shapes_the_answer(serve: Any) -> None:
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}}, "required": ["year"]}
+    engine = FakeGenerateEngine(lambda prompt, options: json.dumps({"answer": {"year": 1887}}))
+    async with serve(assistant=engine) as s:
+        r = await s.client.post("/v1/chat/completions", json=chat(
+            tools=[WEATHER], response_format={"type": "json_schema", "json_schema": {"name": "y", "schema": schema}}))
+        offered = s.engines["assistant"].calls[0].options.json_schema
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["choices"][0]["message"]["content"]) == {"year": 1887}
+    assert offered["anyOf"][1]["properties"]["answer"] == schema
 
 
 # ---- OpenAI: completions, embeddings, models
@@ -509,6 +526,117 @@ async def test_ollama_embed_ps_and_tags(serve: Any) -> None:
     assert model["multilane"]["slots"] == 256
     assert ps["usage"]["loaded"] == 1
     assert {m["name"] for m in tags["models"]} == {"assistant", "embedder"}
+
+
+async def test_ollama_chat_tools_come_back_in_message_tool_calls(serve: Any) -> None:
+    async with serve() as s:
+        r = await s.client.post("/api/chat", json={"model": "assistant", "stream": False, "tools": [WEATHER, TIME],
+                                                   "messages": [{"role": "user", "content": "Weather in Oslo?"}]})
+        streamed = await s.client.post("/api/chat", json={"model": "assistant", "tools": [WEATHER],
+                                                          "messages": [{"role": "user", "content": "Oslo?"}]})
+        call = s.engines["assistant"].calls[0]
+    assert r.status_code == 200, r.text
+    message = r.json()["message"]
+    assert message["role"] == "assistant" and message["content"] == ""
+    (tool_call,) = message["tool_calls"]
+    assert tool_call["function"]["name"] == "get_weather"
+    assert tool_call["function"]["arguments"] == {"city": "text"}  # an object, as Ollama sends it
+    assert r.json()["done_reason"] == "stop"
+    assert len(call.options.json_schema["anyOf"]) == 3 and "get_weather" in call.prompt
+    lines = [json.loads(line) for line in streamed.text.splitlines()]
+    assert [line["done"] for line in lines] == [False, True]
+    assert lines[0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+async def test_ollama_tool_results_go_back_to_the_model_and_it_may_answer(serve: Any) -> None:
+    engine = FakeGenerateEngine(lambda prompt, options: json.dumps({"answer": "It rains in Oslo."}))
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "content": "rain", "tool_name": "get_weather"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c2", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}}]},
+                {"role": "tool", "content": "noon", "tool_call_id": "c2"}]
+    async with serve(assistant=engine) as s:
+        r = await s.client.post("/api/chat", json={"model": "assistant", "stream": False, "tools": [WEATHER, TIME],
+                                                   "messages": messages})
+        prompt = s.engines["assistant"].calls[0].prompt
+    assert r.json()["message"] == {"role": "assistant", "content": "It rains in Oslo."}
+    assert '<assistant>{"get_weather": {"city": "Oslo"}}' in prompt
+    assert "<user>Result of the function call get_weather: rain" in prompt
+    assert '<assistant>{"get_time": {"zone": "CET"}}' in prompt
+    assert "<user>Result of the function call get_time: noon" in prompt
+
+
+async def test_ollama_format_beside_tools_shapes_the_answer(serve: Any) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    engine = FakeGenerateEngine(lambda prompt, options: json.dumps({"answer": {"ok": True}}))
+    async with serve(assistant=engine) as s:
+        r = await s.client.post("/api/chat", json={"model": "assistant", "stream": False, "tools": [WEATHER],
+                                                   "format": schema, "messages": [{"role": "user", "content": "?"}]})
+    assert json.loads(r.json()["message"]["content"]) == {"ok": True}
+
+
+async def test_ollama_replies_carry_ollamas_counts_and_durations(serve: Any) -> None:
+    async with serve(assistant=FakeGenerateEngine("a b c")) as s:
+        chat_reply = (await s.client.post("/api/chat", json={
+            "model": "assistant", "stream": False, "messages": [{"role": "user", "content": "hello you"}]})).json()
+        generated = [json.loads(line) for line in (await s.client.post("/api/generate", json={
+            "model": "assistant", "prompt": "hi"})).text.splitlines()]
+        embedded = (await s.client.post("/api/embed", json={"model": "embedder",
+                                                            "input": ["sea otters", "lava"]})).json()
+        again = (await s.client.post("/api/embed", json={"model": "embedder", "input": "x"})).json()
+    fields = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+              "eval_duration")
+    for reply in (chat_reply, generated[-1]):
+        assert all(isinstance(reply[f], int) for f in fields), reply
+        assert reply["eval_count"] == 3 and reply["prompt_eval_count"] > 0
+        assert reply["total_duration"] >= reply["load_duration"] + reply["prompt_eval_duration"]
+    assert embedded["prompt_eval_count"] == 3  # the fake's tokens are words
+    assert embedded["total_duration"] > 0 and embedded["load_duration"] > 0  # this call loaded the embedder
+    assert again["load_duration"] == 0
+
+
+async def test_ollama_show_reads_the_models_files(serve: Any, tmp_path: Any) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "assistant"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vocab_size": 10, "max_position_embeddings": 8192}))
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    save_file({"embed": np.zeros((10, 8), dtype=np.float16), "head": np.zeros((8,), dtype=np.float16)},
+              str(folder / "model.safetensors"))
+    spec = SPEC.replace("parallel: 2}", "parallel: 2, context: 512}")
+    async with serve(spec) as s:
+        r = await s.client.post("/api/show", json={"model": "assistant:latest"})
+        legacy = await s.client.post("/api/show", json={"name": "embedder"})
+        unknown = await s.client.post("/api/show", json={"model": "llama3"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["capabilities"] == ["completion", "tools"]
+    assert body["template"] == "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert body["details"]["family"] == "llama" and body["details"]["quantization_level"] == "F16"
+    assert body["details"]["parameter_size"] == "0.0M"
+    info = body["model_info"]
+    assert info["general.architecture"] == "llama" and info["general.parameter_count"] == 88
+    assert info["llama.context_length"] == 512  # the lane's context, not the checkpoint's
+    assert info["llama.embedding_length"] == 8 and info["llama.attention.head_count_kv"] == 1
+    assert "num_ctx 512" in body["parameters"].splitlines()
+    assert legacy.status_code == 200 and legacy.json()["capabilities"] == ["embedding"]
+    assert legacy.json()["template"] == ""  # ./embedder does not exist: what the pipeline file says is shown
+    assert unknown.status_code == 404 and "llama3" in unknown.json()["error"]
+
+
+async def test_ollama_version_says_which_api_it_follows(serve: Any) -> None:
+    async with serve() as s:
+        r = await s.client.get("/api/version")
+    assert r.status_code == 200
+    major, minor, _ = (int(part) for part in r.json()["version"].split("."))
+    assert (major, minor) >= (0, 5)  # tools and JSON-schema formats are there since Ollama 0.5
+    assert r.json()["multilane"]
 
 
 async def test_ollama_refuses_images(serve: Any) -> None:
