@@ -845,6 +845,61 @@ async def test_a_json_body_sent_as_a_form_is_read_as_json_as_curl_d_sends_it(ser
     assert r.status_code == 200 and r.json()["response"] == "fake reply"
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/octet-stream"])
+async def test_a_json_body_is_read_as_json_whatever_its_content_type(serve: Any, content_type: str | None) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    body = json.dumps({"model": "assistant", "prompt": "hi", "stream": False}).encode()
+    async with serve() as s:
+        ollama = await s.client.post("/api/generate", content=body, headers=headers)
+        openai = await s.client.post("/v1/chat/completions", content=json.dumps(chat()).encode(), headers=headers)
+        junk = await s.client.post("/v1/chat/completions", content=b"model=assistant", headers=headers)
+    if content_type is None:
+        assert "content-type" not in ollama.request.headers
+    assert ollama.status_code == 200 and ollama.json()["response"] == "fake reply"
+    assert openai.status_code == 200, openai.text
+    assert junk.status_code == 422 and "invalid JSON" in junk.json()["error"]["message"]
+
+
+async def test_every_answer_carries_a_request_id_the_client_may_choose(serve: Any) -> None:
+    async with serve(api_key="k") as s:
+        mine = await s.client.get("/v1/models", headers={"Authorization": "Bearer k", "X-Request-ID": "abc-123"})
+        made = await s.client.get("/v1/models", headers={"Authorization": "Bearer k"})
+        other = await s.client.get("/v1/models", headers={"Authorization": "Bearer k"})
+        odd = await s.client.get("/v1/models", headers={"Authorization": "Bearer k", "X-Request-ID": "a b\tc"})
+        refused = await s.client.get("/v1/models", headers={"X-Request-ID": "refused-1"})
+        streamed = await s.client.post("/v1/chat/completions", json=chat(stream=True),
+                                       headers={"Authorization": "Bearer k", "X-Request-ID": "stream-1"})
+    assert mine.headers["x-request-id"] == "abc-123"
+    assert len(made.headers["x-request-id"]) == 32 and made.headers["x-request-id"] != other.headers["x-request-id"]
+    assert odd.headers["x-request-id"] != "a b\tc"  # not a plain token: a fresh id instead, never logged as sent
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "refused-1"
+    assert streamed.headers["x-request-id"] == "stream-1"
+
+
+async def test_refusals_are_logged_as_warnings_with_route_request_id_and_reason(serve: Any) -> None:
+    from structlog.testing import capture_logs
+
+    async with serve(api_key="k") as s:
+        auth = {"Authorization": "Bearer k"}
+        with capture_logs() as logs:
+            await s.client.post("/v1/chat/completions", json={"model": "assistant", "messages": [{"content": "x"}]},
+                                headers={**auth, "X-Request-ID": "r-422"})
+            await s.client.post("/v1/pipelines/nope/runs", json={}, headers={**auth, "X-Request-ID": "r-404"})
+            await s.client.post("/api/chat", json={**chat(), "model": "embedder"},
+                                headers={**auth, "X-Request-ID": "r-400"})
+            await s.client.get("/v1/models", headers={"X-Request-ID": "r-401"})
+    refused = {entry["request_id"]: entry for entry in logs if entry["event"] == "request refused"}
+    assert set(refused) == {"r-422", "r-404", "r-400", "r-401"}
+    assert all(entry["log_level"] == "warning" for entry in refused.values())
+    assert refused["r-422"]["status"] == 422 and refused["r-422"]["route"] == "/v1/chat/completions"
+    assert refused["r-422"]["error"] == "body.messages.0.role: field required"
+    assert refused["r-404"]["route"] == "/v1/pipelines/{name}/runs"
+    assert refused["r-404"]["path"] == "/v1/pipelines/nope/runs"
+    assert "unknown pipeline 'nope'" in refused["r-404"]["error"]
+    assert refused["r-400"]["status"] == 400 and "embedding model" in refused["r-400"]["error"]
+    assert refused["r-401"]["status"] == 401 and refused["r-401"]["error"].startswith("missing API key")
+
+
 async def test_an_api_key_is_needed_on_every_route_but_healthz(serve: Any) -> None:
     async with serve(api_key="s3cret") as s:
         missing = await s.client.get("/v1/models")
