@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -13,26 +11,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from multilane import Runtime, SamplingOptions
+from multilane import SamplingOptions
 from multilane.cli import app as cli_app
-from multilane.server import create_app
 from multilane.testing import FakeGenerateEngine
 
 pytestmark = pytest.mark.anyio
-
-SPEC = """
-models:
-  assistant: {kind: generate, source: ./assistant, parallel: 2}
-  embedder: {kind: embedding, source: ./embedder}
-runtime: {max_queue: 1}
-pipelines:
-  echo:
-    description: Answers a question.
-    inputs: {question: str}
-    stages:
-      answer: {kind: reason, model: assistant, prompt: "Question: {{ inputs.question }}", max_tokens: 64}
-    output: "{{ stages.answer.text }}"
-"""
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
@@ -40,31 +23,6 @@ WEATHER = {"type": "function", "function": {
 TIME = {"type": "function", "function": {
     "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
                                        "required": ["zone"]}}}
-
-
-@dataclass
-class Served:
-    client: httpx.AsyncClient
-    runtime: Runtime
-    engines: Any
-    app: Any
-
-
-@pytest.fixture
-def serve(fake_runtime: Callable[..., tuple[Runtime, Any]]) -> Callable[..., Any]:
-    """Open an app over a fake runtime (its lifespan opens the runtime) with an httpx client on it."""
-
-    @asynccontextmanager
-    async def make(spec: str = SPEC, *, api_key: str | None = None, max_body_bytes: int = 4 * 1024 * 1024,
-                   **engines: Any) -> AsyncIterator[Served]:
-        rt, factory = fake_runtime(spec, **engines)
-        app = create_app(rt, api_key=api_key, max_body_bytes=max_body_bytes)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                yield Served(client, rt, factory, app)
-
-    return make
 
 
 def sse_events(text: str) -> list[Any]:
@@ -413,8 +371,8 @@ async def test_models_lists_declared_models(serve: Any) -> None:
     assert all(m["object"] == "model" for m in r.json()["data"])
 
 
-async def test_a_remote_model_without_a_source_is_listed_with_a_null_source(serve: Any) -> None:
-    spec = SPEC.replace("runtime:", "  far: {kind: generate, engine: {kind: remote, url: 'http://gpu:8000'}}\nruntime:")
+async def test_a_remote_model_without_a_source_is_listed_with_a_null_source(serve: Any, server_spec: str) -> None:
+    spec = server_spec.replace("runtime:", "  far: {kind: generate, engine: {kind: remote, url: 'http://gpu:8000'}}\nruntime:")
     async with serve(spec) as s:
         openai = await s.client.get("/v1/models")
         ollama = await s.client.get("/api/tags")
@@ -597,7 +555,7 @@ async def test_ollama_replies_carry_ollamas_counts_and_durations(serve: Any) -> 
     assert again["load_duration"] == 0
 
 
-async def test_ollama_show_reads_the_models_files(serve: Any, tmp_path: Any) -> None:
+async def test_ollama_show_reads_the_models_files(serve: Any, server_spec: str, tmp_path: Any) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -609,7 +567,7 @@ async def test_ollama_show_reads_the_models_files(serve: Any, tmp_path: Any) -> 
     (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     save_file({"embed": np.zeros((10, 8), dtype=np.float16), "head": np.zeros((8,), dtype=np.float16)},
               str(folder / "model.safetensors"))
-    spec = SPEC.replace("parallel: 2}", "parallel: 2, context: 512}")
+    spec = server_spec.replace("parallel: 2}", "parallel: 2, context: 512}")
     async with serve(spec) as s:
         r = await s.client.post("/api/show", json={"model": "assistant:latest"})
         legacy = await s.client.post("/api/show", json={"name": "embedder"})
@@ -775,8 +733,8 @@ async def test_a_stage_error_is_mapped_by_its_cause(serve: Any) -> None:
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
-async def test_memory_budget_refusal_is_a_503(serve: Any, held: Any) -> None:
-    spec = SPEC.replace("runtime: {max_queue: 1}", "runtime: {max_queue: 1, max_loaded_models: 1}")
+async def test_memory_budget_refusal_is_a_503(serve: Any, server_spec: str, held: Any) -> None:
+    spec = server_spec.replace("runtime: {max_queue: 1}", "runtime: {max_queue: 1, max_loaded_models: 1}")
     engine = held("w " * 50)
     async with serve(spec, assistant=engine) as s:
         async with anyio.create_task_group() as tg:
@@ -967,15 +925,18 @@ async def test_the_lifespan_opens_and_closes_the_runtime(serve: Any) -> None:
 # ---- disconnects
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/api/chat"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_client_that_disconnects_aborts_its_request_and_frees_its_slot(serve: Any, stream: bool,
+async def test_a_client_that_disconnects_aborts_its_request_and_frees_its_slot(serve: Any, stream: bool, path: str,
                                                                                held: Any) -> None:
     engine = held("word " * 200)  # holds mid-request: only an abort can end it
+    body = {"model": "assistant", "input": "Hello", "stream": stream} if path == "/v1/responses" else chat(
+        stream=stream)
     async with serve(assistant=engine) as s:
         hang_up = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(hang_up_mid_generation, engine, hang_up)
-            sent = await call_asgi(s.app, "/v1/chat/completions", chat(stream=stream), disconnect=hang_up)
+            sent = await call_asgi(s.app, path, body, disconnect=hang_up)
         lane = s.runtime.pool.loaded("assistant")
         assert lane is not None and lane.busy == 0
         (call,) = engine.calls

@@ -106,7 +106,9 @@ class FakeGenerateEngine:
         record = CallRecord(request_id, prompt, options, time.perf_counter(), aborted=True)
         self.calls.append(record)
         self._running += 1
-        words = re.findall(r"\S+\s*", self._answer(prompt, options))[: options.max_tokens] or [""]
+        every = re.findall(r"\S+\s*", self._answer(prompt, options))
+        words = every[: options.max_tokens] or [""]
+        finish = "length" if len(every) > options.max_tokens else "stop"  # cut at max_tokens, as vLLM says
         try:
             for i, word in enumerate(words):
                 await anyio.sleep(self.token_delay)
@@ -115,7 +117,7 @@ class FakeGenerateEngine:
                 last = i == len(words) - 1
                 if last:
                     record.aborted = False
-                yield Chunk(word, 1 if word else 0, finish_reason="stop" if last else None)
+                yield Chunk(word, 1 if word else 0, finish_reason=finish if last else None)
         finally:
             record.finished = time.perf_counter()
             self._running -= 1
