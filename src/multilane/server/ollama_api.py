@@ -468,11 +468,8 @@ async def show(body: ShowRequest, request: Request) -> Response:
     config = found.config if found is not None else {}
     family = str(config.get("model_type") or model.kind)
     default_max: int = request.app.state.default_max_tokens
-    parameters = {"num_predict": default_max, "temperature": 0, "top_p": 1}
-    if model.kind == "generate":
-        parameters = {"num_ctx": model.context or 2048, **parameters}
-    else:
-        parameters = {}
+    parameters = ({"num_ctx": model.context or 2048, "num_predict": default_max, "temperature": 0, "top_p": 1}
+                  if model.kind == "generate" else {})
     info: dict[str, Any] = {"general.architecture": family, "general.basename": name}
     if found is not None and found.parameters:
         info["general.parameter_count"] = found.parameters
@@ -486,7 +483,6 @@ async def show(body: ShowRequest, request: Request) -> Response:
     modelfile = "\n".join([f"# Multilane model '{name}' ({model.kind})", f"FROM {model.source or 'remote'}",
                            *(f"PARAMETER {line}" for line in lines)])
     details = {**_details(model.kind), "family": family, "families": [family],
-               "format": "gguf" if (model.source or "").endswith(".gguf") else _details(model.kind)["format"],
                "parameter_size": _parameter_size(found.parameters) if found is not None else "",
                "quantization_level": found.dtype if found is not None else ""}
     lane = rt.pool.loaded(name)

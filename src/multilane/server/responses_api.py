@@ -296,12 +296,12 @@ class _Reply:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
     def output(self, reply: ToolReply | None, text: str, status: str) -> list[dict[str, Any]]:
-        """The output items: a function call, or a message with the answer."""
+        """The output items: the call or answer of a tool reply, else a message holding `text`."""
         if reply is not None and reply.call is not None:
             call = reply.call
             return [{"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id,
                      "name": call.name, "arguments": call.arguments_json, "status": "completed"}]
-        return [self.message(reply.answer or "" if reply is not None else text, status)]
+        return [self.message((reply.answer or "") if reply is not None else text, status)]
 
 
 def _status(finish: str | None) -> str:
