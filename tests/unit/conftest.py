@@ -8,11 +8,13 @@ import os
 import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import structlog
 from trio.testing import MockClock
@@ -20,6 +22,7 @@ from trio.testing import MockClock
 from multilane import Runtime, SamplingOptions, Spec, parse_spec
 from multilane.engines.base import Chunk
 from multilane.logs import LOGGER, route_to_logging
+from multilane.server import create_app
 from multilane.testing import FakeEmbeddingEngine, FakeGenerateEngine
 
 Engine = FakeGenerateEngine | FakeEmbeddingEngine
@@ -137,3 +140,52 @@ class HeldEngine(FakeGenerateEngine):
 def held() -> Callable[..., HeldEngine]:
     """Make a HeldEngine (inside the test, where its events can be created)."""
     return HeldEngine
+
+
+SERVER_SPEC = """
+models:
+  assistant: {kind: generate, source: ./assistant, parallel: 2}
+  embedder: {kind: embedding, source: ./embedder}
+runtime: {max_queue: 1}
+pipelines:
+  echo:
+    description: Answers a question.
+    inputs: {question: str}
+    stages:
+      answer: {kind: reason, model: assistant, prompt: "Question: {{ inputs.question }}", max_tokens: 64}
+    output: "{{ stages.answer.text }}"
+"""
+"""The pipeline file of the server tests: a generate and an embedding model, a queue of 1, one pipeline."""
+
+
+@pytest.fixture
+def server_spec() -> str:
+    """SERVER_SPEC, for tests that vary it."""
+    return SERVER_SPEC
+
+
+@dataclass
+class Served:
+    """An app over fake engines, with an httpx client on it."""
+
+    client: httpx.AsyncClient
+    runtime: Runtime
+    engines: Any
+    app: Any
+
+
+@pytest.fixture
+def serve(fake_runtime: Callable[..., tuple[Runtime, Any]]) -> Callable[..., Any]:
+    """Open an app over a fake runtime (its lifespan opens the runtime) with an httpx client on it."""
+
+    @asynccontextmanager
+    async def make(spec: str = SERVER_SPEC, *, api_key: str | None = None, max_body_bytes: int = 4 * 1024 * 1024,
+                   **engines: Any) -> AsyncIterator[Served]:
+        rt, factory = fake_runtime(spec, **engines)
+        app = create_app(rt, api_key=api_key, max_body_bytes=max_body_bytes)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                yield Served(client, rt, factory, app)
+
+    return make

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -13,26 +11,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from multilane import Runtime, SamplingOptions
+from multilane import SamplingOptions
 from multilane.cli import app as cli_app
-from multilane.server import create_app
 from multilane.testing import FakeGenerateEngine
 
 pytestmark = pytest.mark.anyio
-
-SPEC = """
-models:
-  assistant: {kind: generate, source: ./assistant, parallel: 2}
-  embedder: {kind: embedding, source: ./embedder}
-runtime: {max_queue: 1}
-pipelines:
-  echo:
-    description: Answers a question.
-    inputs: {question: str}
-    stages:
-      answer: {kind: reason, model: assistant, prompt: "Question: {{ inputs.question }}", max_tokens: 64}
-    output: "{{ stages.answer.text }}"
-"""
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
@@ -40,31 +23,6 @@ WEATHER = {"type": "function", "function": {
 TIME = {"type": "function", "function": {
     "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
                                        "required": ["zone"]}}}
-
-
-@dataclass
-class Served:
-    client: httpx.AsyncClient
-    runtime: Runtime
-    engines: Any
-    app: Any
-
-
-@pytest.fixture
-def serve(fake_runtime: Callable[..., tuple[Runtime, Any]]) -> Callable[..., Any]:
-    """Open an app over a fake runtime (its lifespan opens the runtime) with an httpx client on it."""
-
-    @asynccontextmanager
-    async def make(spec: str = SPEC, *, api_key: str | None = None, max_body_bytes: int = 4 * 1024 * 1024,
-                   **engines: Any) -> AsyncIterator[Served]:
-        rt, factory = fake_runtime(spec, **engines)
-        app = create_app(rt, api_key=api_key, max_body_bytes=max_body_bytes)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                yield Served(client, rt, factory, app)
-
-    return make
 
 
 def sse_events(text: str) -> list[Any]:
@@ -222,14 +180,14 @@ async def test_tool_parameters_with_their_own_definitions_work_inside_the_combin
     unit = {"type": "function", "function": {"name": "convert", "parameters": {
         "$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object",
         "properties": {"to": {"$ref": "#/$defs/Unit"}}, "required": ["to"]}}}
-    reply = json.dumps({"name": "convert", "arguments": {"to": "F"}})
+    reply = json.dumps({"convert": {"to": "F"}})
     async with serve(assistant=FakeGenerateEngine(lambda prompt, options: reply)) as s:
         r = await s.client.post("/v1/chat/completions", json=chat(tools=[WEATHER, unit]))
         offered = s.engines["assistant"].calls[0].options.json_schema
     assert r.status_code == 200, r.text
     assert json.loads(r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == {"to": "F"}
-    assert offered["anyOf"][1]["properties"]["arguments"]["properties"]["to"] == {
-        "$ref": "#/anyOf/1/properties/arguments/$defs/Unit"}
+    assert offered["anyOf"][1]["properties"]["convert"]["properties"]["to"] == {
+        "$ref": "#/anyOf/1/properties/convert/$defs/Unit"}
 
 
 async def test_tools_auto_returns_a_tool_call_with_json_string_arguments(serve: Any) -> None:
@@ -248,6 +206,27 @@ async def test_tools_auto_returns_a_tool_call_with_json_string_arguments(serve: 
     schema = call.options.json_schema
     assert len(schema["anyOf"]) == 3  # two tools, or a plain answer
     assert "get_weather" in call.prompt and '{"answer"' in call.prompt
+
+
+async def test_a_tool_parameter_called_name_stays_apart_from_the_call_wrapper(serve: Any) -> None:
+    # Regression: the wrapper {"name": <function>, "arguments": {...}} let SmolLM2 copy the function's name into
+    # the tool's own `name` argument. The function's name is now the wrapper's only key.
+    city = {"type": "function", "function": {"name": "final_result", "parameters": {
+        "type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["name", "country"], "additionalProperties": False}}}
+    async with serve() as s:
+        r = await s.client.post("/v1/chat/completions", json=chat(tools=[city], tool_choice="required"))
+        ollama = await s.client.post("/api/chat", json={"model": "assistant", "tools": [city], "stream": False,
+                                                       "messages": [{"role": "user", "content": "Paris?"}]})
+        offered = [call.options.json_schema for call in s.engines["assistant"].calls]
+    assert offered[0] == {"type": "object", "properties": {"final_result": city["function"]["parameters"]},
+                          "required": ["final_result"], "additionalProperties": False}
+    call = offered[1]["anyOf"][0]
+    assert call["properties"].keys() == {"final_result"} and call["additionalProperties"] is False
+    function = r.json()["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert function["name"] == "final_result"
+    assert json.loads(function["arguments"]) == {"name": "text", "country": "text"}
+    assert ollama.json()["message"]["tool_calls"][0]["function"]["arguments"] == {"name": "text", "country": "text"}
 
 
 async def test_tools_auto_may_answer_in_plain_text(serve: Any) -> None:
@@ -273,7 +252,7 @@ async def test_tool_choice_required_named_and_none(serve: Any) -> None:
     assert '{"answer"' not in calls[0].prompt
     assert required.json()["choices"][0]["finish_reason"] == "tool_calls"
     assert named.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_time"
-    assert calls[1].options.json_schema["properties"]["name"] == {"enum": ["get_time"]}
+    assert calls[1].options.json_schema["required"] == ["get_time"]
     assert none.json()["choices"][0]["message"]["content"] == "fake reply"
     assert calls[2].options.json_schema is None
     assert unknown.status_code == 422 and "nope" in unknown.json()["error"]["message"]
@@ -302,8 +281,20 @@ async def test_earlier_tool_calls_and_results_are_passed_on_as_text(serve: Any) 
                                                               "tools": [WEATHER]})
         prompt = s.engines["assistant"].calls[0].prompt
     assert r.status_code == 200
-    assert '{"name": "get_weather", "arguments": {"city": "Oslo"}}' in prompt
+    assert '{"get_weather": {"city": "Oslo"}}' in prompt
     assert "Result of the function call get_weather: rain" in prompt
+
+
+async def test_a_response_format_beside_tools_shapes_the_answer(serve: Any) -> None:
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}}, "required": ["year"]}
+    engine = FakeGenerateEngine(lambda prompt, options: json.dumps({"answer": {"year": 1887}}))
+    async with serve(assistant=engine) as s:
+        r = await s.client.post("/v1/chat/completions", json=chat(
+            tools=[WEATHER], response_format={"type": "json_schema", "json_schema": {"name": "y", "schema": schema}}))
+        offered = s.engines["assistant"].calls[0].options.json_schema
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["choices"][0]["message"]["content"]) == {"year": 1887}
+    assert offered["anyOf"][1]["properties"]["answer"] == schema
 
 
 # ---- OpenAI: completions, embeddings, models
@@ -357,6 +348,21 @@ async def test_embeddings_as_floats_and_base64(serve: Any) -> None:
     assert np.allclose(decoded, data[0]["embedding"])
 
 
+async def test_embeddings_take_token_ids_decoded_by_the_embedders_tokenizer(serve: Any) -> None:
+    async with serve() as s:
+        one = await s.client.post("/v1/embeddings", json={"model": "embedder", "input": [5, 6, 7]})
+        many = await s.client.post("/v1/embeddings", json={"model": "embedder", "input": [[5, 6], [8]]})
+        text = await s.client.post("/v1/embeddings", json={"model": "embedder", "input": "t5 t6 t7"})
+        outside = await s.client.post("/v1/embeddings", json={"model": "embedder", "input": [[5], [99999]]})
+        embedded = s.engines["embedder"].calls
+    assert one.status_code == 200, one.text
+    assert embedded[:2] == [["t5 t6 t7"], ["t5 t6", "t8"]]  # the fake's vocabulary: id n is the word "tn"
+    assert one.json()["data"][0]["embedding"] == text.json()["data"][0]["embedding"]
+    assert one.json()["usage"]["prompt_tokens"] == 3 and many.json()["usage"]["prompt_tokens"] == 3
+    assert [d["index"] for d in many.json()["data"]] == [0, 1]
+    assert outside.status_code == 422 and "token id 99999 is outside" in outside.json()["error"]["message"]
+
+
 async def test_models_lists_declared_models(serve: Any) -> None:
     async with serve() as s:
         r = await s.client.get("/v1/models")
@@ -365,8 +371,8 @@ async def test_models_lists_declared_models(serve: Any) -> None:
     assert all(m["object"] == "model" for m in r.json()["data"])
 
 
-async def test_a_remote_model_without_a_source_is_listed_with_a_null_source(serve: Any) -> None:
-    spec = SPEC.replace("runtime:", "  far: {kind: generate, engine: {kind: remote, url: 'http://gpu:8000'}}\nruntime:")
+async def test_a_remote_model_without_a_source_is_listed_with_a_null_source(serve: Any, server_spec: str) -> None:
+    spec = server_spec.replace("runtime:", "  far: {kind: generate, engine: {kind: remote, url: 'http://gpu:8000'}}\nruntime:")
     async with serve(spec) as s:
         openai = await s.client.get("/v1/models")
         ollama = await s.client.get("/api/tags")
@@ -480,14 +486,122 @@ async def test_ollama_embed_ps_and_tags(serve: Any) -> None:
     assert {m["name"] for m in tags["models"]} == {"assistant", "embedder"}
 
 
-async def test_ollama_refuses_images_and_tools(serve: Any) -> None:
+async def test_ollama_chat_tools_come_back_in_message_tool_calls(serve: Any) -> None:
+    async with serve() as s:
+        r = await s.client.post("/api/chat", json={"model": "assistant", "stream": False, "tools": [WEATHER, TIME],
+                                                   "messages": [{"role": "user", "content": "Weather in Oslo?"}]})
+        streamed = await s.client.post("/api/chat", json={"model": "assistant", "tools": [WEATHER],
+                                                          "messages": [{"role": "user", "content": "Oslo?"}]})
+        call = s.engines["assistant"].calls[0]
+    assert r.status_code == 200, r.text
+    message = r.json()["message"]
+    assert message["role"] == "assistant" and message["content"] == ""
+    (tool_call,) = message["tool_calls"]
+    assert tool_call["function"]["name"] == "get_weather"
+    assert tool_call["function"]["arguments"] == {"city": "text"}  # an object, as Ollama sends it
+    assert r.json()["done_reason"] == "stop"
+    assert len(call.options.json_schema["anyOf"]) == 3 and "get_weather" in call.prompt
+    lines = [json.loads(line) for line in streamed.text.splitlines()]
+    assert [line["done"] for line in lines] == [False, True]
+    assert lines[0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+async def test_ollama_tool_results_go_back_to_the_model_and_it_may_answer(serve: Any) -> None:
+    engine = FakeGenerateEngine(lambda prompt, options: json.dumps({"answer": "It rains in Oslo."}))
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "content": "rain", "tool_name": "get_weather"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c2", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}}]},
+                {"role": "tool", "content": "noon", "tool_call_id": "c2"}]
+    async with serve(assistant=engine) as s:
+        r = await s.client.post("/api/chat", json={"model": "assistant", "stream": False, "tools": [WEATHER, TIME],
+                                                   "messages": messages})
+        prompt = s.engines["assistant"].calls[0].prompt
+    assert r.json()["message"] == {"role": "assistant", "content": "It rains in Oslo."}
+    assert '<assistant>{"get_weather": {"city": "Oslo"}}' in prompt
+    assert "<user>Result of the function call get_weather: rain" in prompt
+    assert '<assistant>{"get_time": {"zone": "CET"}}' in prompt
+    assert "<user>Result of the function call get_time: noon" in prompt
+
+
+async def test_ollama_format_beside_tools_shapes_the_answer(serve: Any) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    engine = FakeGenerateEngine(lambda prompt, options: json.dumps({"answer": {"ok": True}}))
+    async with serve(assistant=engine) as s:
+        r = await s.client.post("/api/chat", json={"model": "assistant", "stream": False, "tools": [WEATHER],
+                                                   "format": schema, "messages": [{"role": "user", "content": "?"}]})
+    assert json.loads(r.json()["message"]["content"]) == {"ok": True}
+
+
+async def test_ollama_replies_carry_ollamas_counts_and_durations(serve: Any) -> None:
+    async with serve(assistant=FakeGenerateEngine("a b c")) as s:
+        chat_reply = (await s.client.post("/api/chat", json={
+            "model": "assistant", "stream": False, "messages": [{"role": "user", "content": "hello you"}]})).json()
+        generated = [json.loads(line) for line in (await s.client.post("/api/generate", json={
+            "model": "assistant", "prompt": "hi"})).text.splitlines()]
+        embedded = (await s.client.post("/api/embed", json={"model": "embedder",
+                                                            "input": ["sea otters", "lava"]})).json()
+        again = (await s.client.post("/api/embed", json={"model": "embedder", "input": "x"})).json()
+    fields = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+              "eval_duration")
+    for reply in (chat_reply, generated[-1]):
+        assert all(isinstance(reply[f], int) for f in fields), reply
+        assert reply["eval_count"] == 3 and reply["prompt_eval_count"] > 0
+        assert reply["total_duration"] >= reply["load_duration"] + reply["prompt_eval_duration"]
+    assert embedded["prompt_eval_count"] == 3  # the fake's tokens are words
+    assert embedded["total_duration"] > 0 and embedded["load_duration"] > 0  # this call loaded the embedder
+    assert again["load_duration"] == 0
+
+
+async def test_ollama_show_reads_the_models_files(serve: Any, server_spec: str, tmp_path: Any) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "assistant"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vocab_size": 10, "max_position_embeddings": 8192}))
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    save_file({"embed": np.zeros((10, 8), dtype=np.float16), "head": np.zeros((8,), dtype=np.float16)},
+              str(folder / "model.safetensors"))
+    spec = server_spec.replace("parallel: 2}", "parallel: 2, context: 512}")
+    async with serve(spec) as s:
+        r = await s.client.post("/api/show", json={"model": "assistant:latest"})
+        legacy = await s.client.post("/api/show", json={"name": "embedder"})
+        unknown = await s.client.post("/api/show", json={"model": "llama3"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["capabilities"] == ["completion", "tools"]
+    assert body["template"] == "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert body["details"]["family"] == "llama" and body["details"]["quantization_level"] == "F16"
+    assert body["details"]["parameter_size"] == "0.0M"
+    info = body["model_info"]
+    assert info["general.architecture"] == "llama" and info["general.parameter_count"] == 88
+    assert info["llama.context_length"] == 512  # the lane's context, not the checkpoint's
+    assert info["llama.embedding_length"] == 8 and info["llama.attention.head_count_kv"] == 1
+    assert "num_ctx 512" in body["parameters"].splitlines()
+    assert legacy.status_code == 200 and legacy.json()["capabilities"] == ["embedding"]
+    assert legacy.json()["template"] == ""  # ./embedder does not exist: what the pipeline file says is shown
+    assert unknown.status_code == 404 and "llama3" in unknown.json()["error"]
+
+
+async def test_ollama_version_says_which_api_it_follows(serve: Any) -> None:
+    async with serve() as s:
+        r = await s.client.get("/api/version")
+    assert r.status_code == 200
+    major, minor, _ = (int(part) for part in r.json()["version"].split("."))
+    assert (major, minor) >= (0, 5)  # tools and JSON-schema formats are there since Ollama 0.5
+    assert r.json()["multilane"]
+
+
+async def test_ollama_refuses_images(serve: Any) -> None:
     async with serve() as s:
         img = await s.client.post("/api/chat", json={"model": "assistant", "messages": [
             {"role": "user", "content": "what is this?", "images": ["aGk="]}]})
-        tools = await s.client.post("/api/chat", json={"model": "assistant", "tools": [WEATHER], "messages": [
-            {"role": "user", "content": "hi"}]})
     assert img.status_code == 422 and "images" in img.json()["error"]
-    assert tools.status_code == 422 and "tools" in tools.json()["error"]
 
 
 # ---- pipelines
@@ -619,8 +733,8 @@ async def test_a_stage_error_is_mapped_by_its_cause(serve: Any) -> None:
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
-async def test_memory_budget_refusal_is_a_503(serve: Any, held: Any) -> None:
-    spec = SPEC.replace("runtime: {max_queue: 1}", "runtime: {max_queue: 1, max_loaded_models: 1}")
+async def test_memory_budget_refusal_is_a_503(serve: Any, server_spec: str, held: Any) -> None:
+    spec = server_spec.replace("runtime: {max_queue: 1}", "runtime: {max_queue: 1, max_loaded_models: 1}")
     engine = held("w " * 50)
     async with serve(spec, assistant=engine) as s:
         async with anyio.create_task_group() as tg:
@@ -687,6 +801,61 @@ async def test_a_json_body_sent_as_a_form_is_read_as_json_as_curl_d_sends_it(ser
                                                                      "stream": False}),
                                 headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 200 and r.json()["response"] == "fake reply"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/octet-stream"])
+async def test_a_json_body_is_read_as_json_whatever_its_content_type(serve: Any, content_type: str | None) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    body = json.dumps({"model": "assistant", "prompt": "hi", "stream": False}).encode()
+    async with serve() as s:
+        ollama = await s.client.post("/api/generate", content=body, headers=headers)
+        openai = await s.client.post("/v1/chat/completions", content=json.dumps(chat()).encode(), headers=headers)
+        junk = await s.client.post("/v1/chat/completions", content=b"model=assistant", headers=headers)
+    if content_type is None:
+        assert "content-type" not in ollama.request.headers
+    assert ollama.status_code == 200 and ollama.json()["response"] == "fake reply"
+    assert openai.status_code == 200, openai.text
+    assert junk.status_code == 422 and "invalid JSON" in junk.json()["error"]["message"]
+
+
+async def test_every_answer_carries_a_request_id_the_client_may_choose(serve: Any) -> None:
+    async with serve(api_key="k") as s:
+        mine = await s.client.get("/v1/models", headers={"Authorization": "Bearer k", "X-Request-ID": "abc-123"})
+        made = await s.client.get("/v1/models", headers={"Authorization": "Bearer k"})
+        other = await s.client.get("/v1/models", headers={"Authorization": "Bearer k"})
+        odd = await s.client.get("/v1/models", headers={"Authorization": "Bearer k", "X-Request-ID": "a b\tc"})
+        refused = await s.client.get("/v1/models", headers={"X-Request-ID": "refused-1"})
+        streamed = await s.client.post("/v1/chat/completions", json=chat(stream=True),
+                                       headers={"Authorization": "Bearer k", "X-Request-ID": "stream-1"})
+    assert mine.headers["x-request-id"] == "abc-123"
+    assert len(made.headers["x-request-id"]) == 32 and made.headers["x-request-id"] != other.headers["x-request-id"]
+    assert odd.headers["x-request-id"] != "a b\tc"  # not a plain token: a fresh id instead, never logged as sent
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "refused-1"
+    assert streamed.headers["x-request-id"] == "stream-1"
+
+
+async def test_refusals_are_logged_as_warnings_with_route_request_id_and_reason(serve: Any) -> None:
+    from structlog.testing import capture_logs
+
+    async with serve(api_key="k") as s:
+        auth = {"Authorization": "Bearer k"}
+        with capture_logs() as logs:
+            await s.client.post("/v1/chat/completions", json={"model": "assistant", "messages": [{"content": "x"}]},
+                                headers={**auth, "X-Request-ID": "r-422"})
+            await s.client.post("/v1/pipelines/nope/runs", json={}, headers={**auth, "X-Request-ID": "r-404"})
+            await s.client.post("/api/chat", json={**chat(), "model": "embedder"},
+                                headers={**auth, "X-Request-ID": "r-400"})
+            await s.client.get("/v1/models", headers={"X-Request-ID": "r-401"})
+    refused = {entry["request_id"]: entry for entry in logs if entry["event"] == "request refused"}
+    assert set(refused) == {"r-422", "r-404", "r-400", "r-401"}
+    assert all(entry["log_level"] == "warning" for entry in refused.values())
+    assert refused["r-422"]["status"] == 422 and refused["r-422"]["route"] == "/v1/chat/completions"
+    assert refused["r-422"]["error"] == "body.messages.0.role: field required"
+    assert refused["r-404"]["route"] == "/v1/pipelines/{name}/runs"
+    assert refused["r-404"]["path"] == "/v1/pipelines/nope/runs"
+    assert "unknown pipeline 'nope'" in refused["r-404"]["error"]
+    assert refused["r-400"]["status"] == 400 and "embedding model" in refused["r-400"]["error"]
+    assert refused["r-401"]["status"] == 401 and refused["r-401"]["error"].startswith("missing API key")
 
 
 async def test_an_api_key_is_needed_on_every_route_but_healthz(serve: Any) -> None:
@@ -756,15 +925,18 @@ async def test_the_lifespan_opens_and_closes_the_runtime(serve: Any) -> None:
 # ---- disconnects
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/api/chat"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_client_that_disconnects_aborts_its_request_and_frees_its_slot(serve: Any, stream: bool,
+async def test_a_client_that_disconnects_aborts_its_request_and_frees_its_slot(serve: Any, stream: bool, path: str,
                                                                                held: Any) -> None:
     engine = held("word " * 200)  # holds mid-request: only an abort can end it
+    body = {"model": "assistant", "input": "Hello", "stream": stream} if path == "/v1/responses" else chat(
+        stream=stream)
     async with serve(assistant=engine) as s:
         hang_up = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(hang_up_mid_generation, engine, hang_up)
-            sent = await call_asgi(s.app, "/v1/chat/completions", chat(stream=stream), disconnect=hang_up)
+            sent = await call_asgi(s.app, path, body, disconnect=hang_up)
         lane = s.runtime.pool.loaded("assistant")
         assert lane is not None and lane.busy == 0
         (call,) = engine.calls

@@ -140,3 +140,12 @@ class EmbeddingEngine(Protocol):
     async def close(self) -> None:
         """Free the model; idempotent."""
         ...
+
+
+@runtime_checkable
+class DecodingEmbeddingEngine(EmbeddingEngine, Protocol):
+    """An embedding engine with its tokenizer at hand, which can turn token ids back into text."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids of the model's own vocabulary; InputError for an id outside it."""
+        ...

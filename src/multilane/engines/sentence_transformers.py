@@ -11,7 +11,7 @@ import numpy as np
 import structlog
 
 from multilane.batching import MicroBatcher
-from multilane.errors import EngineError
+from multilane.errors import EngineError, InputError
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +98,18 @@ class SentenceTransformerEngine:
             encoded = self._model.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False,
                                             truncation=False, verbose=False)
         return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids of this model's vocabulary; special tokens are left out."""
+        with self._tokenizer_lock:
+            tokenizer = self._model.tokenizer
+            size = len(tokenizer)
+            outside = next((i for i in ids if not 0 <= i < size), None)
+            if outside is not None:
+                raise InputError(f"token id {outside} is outside the vocabulary of embedding model "
+                                 f"{self.identity} ({size} tokens); send ids of its own tokenizer, or text")
+            text: str = tokenizer.decode(list(ids), skip_special_tokens=True)
+        return text
 
     async def close(self) -> None:
         """Drop the model so its memory can be freed."""

@@ -14,7 +14,7 @@ import anyio
 import numpy as np
 
 from multilane.engines.base import Chunk, Message, SamplingOptions
-from multilane.errors import EngineDeadError
+from multilane.errors import EngineDeadError, InputError
 
 Reply = str | Callable[[str, SamplingOptions], str]
 _WORD = re.compile(r"\S+")
@@ -106,7 +106,9 @@ class FakeGenerateEngine:
         record = CallRecord(request_id, prompt, options, time.perf_counter(), aborted=True)
         self.calls.append(record)
         self._running += 1
-        words = re.findall(r"\S+\s*", self._answer(prompt, options))[: options.max_tokens] or [""]
+        every = re.findall(r"\S+\s*", self._answer(prompt, options))
+        words = every[: options.max_tokens] or [""]
+        finish = "length" if len(every) > options.max_tokens else "stop"  # cut at max_tokens, as vLLM says
         try:
             for i, word in enumerate(words):
                 await anyio.sleep(self.token_delay)
@@ -115,7 +117,7 @@ class FakeGenerateEngine:
                 last = i == len(words) - 1
                 if last:
                     record.aborted = False
-                yield Chunk(word, 1 if word else 0, finish_reason="stop" if last else None)
+                yield Chunk(word, 1 if word else 0, finish_reason=finish if last else None)
         finally:
             record.finished = time.perf_counter()
             self._running -= 1
@@ -129,8 +131,9 @@ class FakeEmbeddingEngine:
     """An embedding engine that hashes words into a normalised bag-of-words vector."""
 
     def __init__(self, dimension: int = 64, *, identity: str = "fake-embedding", device: str = "cpu",
-                 max_tokens: int = 256) -> None:
+                 max_tokens: int = 256, vocabulary: int = 1000) -> None:
         self.dimension = dimension
+        self.vocabulary = vocabulary
         self.identity = identity
         self.device = device
         self.max_tokens = max_tokens
@@ -155,6 +158,13 @@ class FakeEmbeddingEngine:
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """One token per whitespace-separated word."""
         return [m.span() for m in _WORD.finditer(text)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token id n is the word `tn`, for n below `vocabulary`; InputError for others."""
+        outside = next((i for i in ids if not 0 <= i < self.vocabulary), None)
+        if outside is not None:
+            raise InputError(f"token id {outside} is outside the fake vocabulary ({self.vocabulary} tokens)")
+        return " ".join(f"t{i}" for i in ids)
 
     async def close(self) -> None:
         """Mark the engine closed."""

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import signal
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
 from fastapi import FastAPI, HTTPException, Request, Response
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from multilane import __version__
 from multilane.runtime import Runtime
-from multilane.server import ollama_api, openai_api, pipelines
-from multilane.server.errors import error_response, install_error_handlers
+from multilane.server import ollama_api, openai_api, pipelines, responses_api
+from multilane.server.errors import error_response, install_error_handlers, log_refusal
 from multilane.server.metrics import ServerMetrics
 
 log = structlog.get_logger(__name__)
@@ -43,6 +46,7 @@ class BearerAuth:
             return
         message = ("missing API key: send 'Authorization: Bearer <key>'" if not given
                    else "invalid API key")
+        log_refusal(scope, 401, message)
         response = error_response(scope["path"], 401, message, type="authentication_error",
                                   code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
@@ -64,6 +68,7 @@ class BodyLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            log_refusal(scope, 413, str(self._too_large().detail))
             response = error_response(scope["path"], 413, str(self._too_large().detail), type="request_too_large",
                                       code="request_too_large")
             await response(scope, receive, send)
@@ -82,19 +87,54 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-class FormAsJson:
-    """Read a form-encoded body as JSON, as Ollama does: `curl -d '{...}'` sends JSON under that content type."""
+class JsonBodies:
+    """Read every request body as JSON, whatever its Content-Type says or if it has none, as Ollama does.
+
+    Clients send JSON as forms (`curl -d`), as text/plain, or with no Content-Type at all (LiteLLM's Ollama
+    providers); no route takes anything but JSON, so a body that is not JSON gets a 422 saying so.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            headers = scope["headers"]
-            if any(k == b"content-type" and v.startswith(b"application/x-www-form-urlencoded") for k, v in headers):
-                headers = [(k, b"application/json" if k == b"content-type" else v) for k, v in headers]
-                scope = {**scope, "headers": headers}
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            given = dict(scope["headers"]).get(b"content-type", b"")
+            json_type = given.split(b";")[0].strip().lower()
+            if not (json_type == b"application/json" or json_type.endswith(b"+json")):
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+class RequestIds:
+    """Give each request an id: the client's `X-Request-ID` when it is a plain token, else a new one.
+
+    The id is bound to every log line of the request (structlog context variables), kept in
+    `request.state.request_id`, and sent back in the response's `X-Request-ID` header.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope = {**scope, "state": {**scope.get("state", {}), "request_id": request_id}}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await self.app(scope, receive, send_with_id)
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
@@ -123,6 +163,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
     app.state.metrics = metrics
     app.state.default_max_tokens = default_max_tokens
     app.include_router(openai_api.router)
+    app.include_router(responses_api.router)
     app.include_router(ollama_api.router)
     app.include_router(pipelines.router)
 
@@ -137,10 +178,11 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     install_error_handlers(app)
-    app.add_middleware(FormAsJson)  # no route takes forms
+    app.add_middleware(JsonBodies)  # no route takes anything but JSON
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)  # added last: runs first
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(RequestIds)  # added last: runs first, so that refusals carry an id too
     return app
 
 

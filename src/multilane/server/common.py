@@ -28,13 +28,14 @@ class ApiError(Exception):
     """An error the server answers with its own status; `type` and `code` go into OpenAI-style bodies."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.code = code
         self.headers = dict(headers or {})
+        self.param = param  # the request field at fault, as OpenAI's error bodies name it
 
 
 class ClientGone(Exception):

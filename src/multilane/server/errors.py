@@ -30,17 +30,30 @@ _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error"}
 
 
-def error_body(path: str, message: str, *, type: str, code: str | None) -> dict[str, Any]:
-    """`{"error": {"message", "type", "code"}}` under /v1 (OpenAI), `{"error": message}` elsewhere (Ollama)."""
+def error_body(path: str, message: str, *, type: str, code: str | None,
+               param: str | None = None) -> dict[str, Any]:
+    """`{"error": {"message", "type", "param", "code"}}` under /v1 (OpenAI), `{"error": message}` elsewhere (Ollama)."""
     if path.startswith("/v1"):
-        return {"error": {"message": message, "type": type, "code": code}}
+        return {"error": {"message": message, "type": type, "param": param, "code": code}}
     return {"error": message}
 
 
 def error_response(path: str, status: int, message: str, *, type: str, code: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> Response:
+                   headers: Mapping[str, str] | None = None, param: str | None = None) -> Response:
     """An error answer in the body style of the path's API."""
-    return json_response(error_body(path, message, type=type, code=code), status, headers)
+    return json_response(error_body(path, message, type=type, code=code, param=param), status, headers)
+
+
+def log_refusal(scope: Mapping[str, Any], status: int, message: str) -> None:
+    """Log why a request was refused or failed, with its method, route (the matched template, else the path),
+    request id and status: a warning for a refusal (4xx, 503), an error for a failure."""
+    route = getattr(scope.get("route"), "path", None) or scope.get("path")
+    fields = {"method": scope.get("method"), "route": route, "path": scope.get("path"), "status": status,
+              "request_id": scope.get("state", {}).get("request_id"), "error": message}
+    if status >= 500 and status != 503:
+        log.error("request failed", **fields)
+    else:
+        log.warning("request refused", **fields)
 
 
 def api_error(exc: BaseException) -> ApiError:
@@ -92,21 +105,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         err = api_error(exc)
-        if err.status == 503:  # overload: the client retries
-            log.warning("request refused", path=request.url.path, status=err.status, error=err.message)
-        elif err.status >= 500:
-            log.error("request failed", path=request.url.path, status=err.status, error=err.message)
+        log_refusal(request.scope, err.status, err.message)
         return error_response(request.url.path, err.status, err.message, type=err.type, code=err.code,
-                              headers=err.headers)
+                              headers=err.headers, param=err.param)
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_response(request.url.path, 422, validation_message(exc), type="invalid_request_error",
-                              code="invalid_body")
+        message = validation_message(exc)
+        log_refusal(request.scope, 422, message)
+        return error_response(request.url.path, 422, message, type="invalid_request_error", code="invalid_body")
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        log_refusal(request.scope, exc.status_code, str(exc.detail))
         return error_response(request.url.path, exc.status_code, str(exc.detail), type=type_,
                               code=type_ if exc.status_code != 404 else "not_found", headers=exc.headers)
 
@@ -115,7 +127,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)
 
     async def on_crash(request: Request, exc: Exception) -> Response:
-        log.exception("request crashed", path=request.url.path)
+        log.exception("request crashed", path=request.url.path,
+                      request_id=request.scope.get("state", {}).get("request_id"))
         err = api_error(exc)
         return error_response(request.url.path, err.status, err.message, type=err.type, code=err.code)
 

@@ -7,19 +7,15 @@ logit_bias, logprobs, user, ...) are accepted and ignored. `n` must be 1. `keep_
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from multilane.engines.base import Completion, EmbeddingEngine, Message, SamplingOptions
-from multilane.json_schemas import embed_at
-from multilane.pipeline.executor import parse_json_output
+from multilane.engines.base import Completion, DecodingEmbeddingEngine, EmbeddingEngine, Message, SamplingOptions
 from multilane.runtime import Runtime
 from multilane.server.common import (
     SSE_HEADERS,
@@ -30,7 +26,6 @@ from multilane.server.common import (
     abort_on_disconnect,
     checked_schema,
     declared_model,
-    dumps,
     gather,
     json_response,
     now,
@@ -39,6 +34,16 @@ from multilane.server.common import (
     sse,
 )
 from multilane.server.errors import api_error, error_body
+from multilane.server.tool_calls import (
+    CallNames,
+    Tool,
+    ToolPlan,
+    call_text,
+    functions_of,
+    plan_tools,
+    result_text,
+    with_instructions,
+)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -80,21 +85,6 @@ class ChatMessage(_Open):
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
-
-
-class FunctionDef(_Open):
-    """A function the model may call: its name, what it does, and a JSON schema of its arguments."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str = ""
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-
-
-class Tool(_Open):
-    """A tool offered to the model (only functions exist)."""
-
-    type: Literal["function"] = "function"
-    function: FunctionDef
 
 
 class NamedFunction(_Open):
@@ -162,98 +152,51 @@ class CompletionRequest(_Sampled):
     echo: bool = False
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class EmbeddingRequest(_Open):
-    """The body of POST /v1/embeddings; `dimensions` is ignored (a model has one dimension)."""
+    """The body of POST /v1/embeddings; `dimensions` is ignored (a model has one dimension).
+
+    `input` is a text, a list of texts, or token ids of the embedder's own tokenizer (one list, or a list of
+    lists), which are decoded with that tokenizer and embedded as text.
+    """
 
     model: str
-    input: str | Annotated[list[str], Field(min_length=1)]
+    input: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
     keep_alive: KeepAlive = None
 
 
-# ---- tools as constrained output
-
-ANSWER_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"answer": {"type": "string"}},
-                                 "required": ["answer"], "additionalProperties": False}
-
-
-@dataclass(frozen=True)
-class ToolPlan:
-    """How a request's tools become constrained output: the schema, and the instructions the model reads."""
-
-    schema: dict[str, Any]
-    instructions: str
-
-
-def tool_plan(tools: list[Tool] | None, choice: str | NamedToolChoice | None) -> ToolPlan | None:
-    """The output schema for tools: a call `{name, arguments}` of an offered tool or, with "auto", `{answer}`."""
-    if not tools or choice == "none":
-        return None
-    offered = [tool.function for tool in tools]
-    for i, function in enumerate(offered):
-        checked_schema(function.parameters, f"body.tools[{i}].function.parameters")
-    if isinstance(choice, NamedToolChoice):
-        chosen = [f for f in offered if f.name == choice.function.name]
-        if not chosen:
-            raise ApiError(422, f"tool_choice names function '{choice.function.name}', which is not among the "
-                                f"tools ({', '.join(f.name for f in offered)})", code="invalid_tool_choice")
-        offered = chosen
-    may_answer = choice in (None, "auto")
-    alone = len(offered) == 1 and not may_answer  # one call schema is the whole schema; else one of anyOf
-    calls: list[dict[str, Any]] = [
-        {"type": "object", "properties": {"name": {"enum": [f.name]}, "arguments": embed_at(
-            f.parameters, "/properties/arguments" if alone else f"/anyOf/{i}/properties/arguments")},
-         "required": ["name", "arguments"], "additionalProperties": False} for i, f in enumerate(offered)]
-    options = [*calls, ANSWER_SCHEMA] if may_answer else calls
-    schema = options[0] if len(options) == 1 else {"anyOf": options}
-    listing = "\n".join(dumps({"name": f.name, "description": f.description, "parameters": f.parameters})
-                        for f in offered)
-    text = (f"You can call these functions:\n{listing}\n"
-            'To call a function, reply with JSON: {"name": <function name>, "arguments": {<arguments>}}.')
-    if may_answer:
-        text += ' To answer without calling a function, reply with JSON: {"answer": <your answer>}.'
-    return ToolPlan(schema, text)
-
-
-def with_instructions(messages: list[Message], text: str) -> list[Message]:
-    """Add instructions to the chat's system message, or start the chat with one."""
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
+# ---- chat messages and tool replies
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[Message]:
     """The messages as the chat template takes them; tool calls and results are written out as text."""
-    names: dict[str, str] = {}
+    names = CallNames()
     out: list[Message] = []
     for m in messages:
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
         role = "system" if m.role == "developer" else m.role
         if m.role == "assistant" and m.tool_calls:
-            calls = []
             for call in m.tool_calls:
-                names[call.id] = call.function.name
-                try:
-                    arguments: Any = json.loads(call.function.arguments)
-                except ValueError:
-                    arguments = call.function.arguments
-                calls.append({"name": call.function.name, "arguments": arguments})
-            content = "\n".join(filter(None, [content, *(dumps(c) for c in calls)]))
+                names.note(call.id, call.function.name)
+            content = "\n".join(filter(None, [content, *(call_text(c.function.name, c.function.arguments)
+                                                         for c in m.tool_calls)]))
         elif m.role == "tool":
             role = "user"
-            name = names.get(m.tool_call_id or "", "")
-            content = f"Result of the function call{f' {name}' if name else ''}: {content}"
+            content = result_text(names.name(m.tool_call_id), content)
         out.append({"role": role, "content": content})
     return out
 
 
 def _tool_result(text: str, plan: ToolPlan, finish: str | None) -> tuple[dict[str, Any], str]:
     """The assistant message and finish reason of a constrained tool output."""
-    value = parse_json_output(text, plan.schema, finish_reason=finish)
-    if "answer" in value and "name" not in value:
-        return {"role": "assistant", "content": value["answer"]}, finish or "stop"
-    call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(value["arguments"])}}
+    reply = plan.read(text, finish)
+    if reply.call is None:
+        return {"role": "assistant", "content": reply.answer}, finish or "stop"
+    call = {"id": reply.call.id, "type": "function",
+            "function": {"name": reply.call.name, "arguments": reply.call.arguments_json}}
     return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
 
 
@@ -296,10 +239,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     """Complete a chat; `stream: true` answers with server-sent events ending with `data: [DONE]`."""
     rt = runtime_of(request)
     declared_model(rt, body.model, "generate")
-    plan = tool_plan(body.tools, body.tool_choice)
     schema = _response_schema(body.response_format)
-    if plan is not None and schema is not None:
-        raise ApiError(422, "response_format and tools cannot be combined; choose one", code="invalid_body")
+    plan = None
+    if body.tools and body.tool_choice != "none":  # with a response format too, the answer follows its schema
+        named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
+        plan = plan_tools(functions_of(body.tools), must_call=body.tool_choice == "required", only=named,
+                          answer_schema=schema)
     messages = chat_messages(body.messages)
     if plan is not None:
         messages = with_instructions(messages, plan.instructions)
@@ -421,10 +366,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-    """Embed one text or a list of texts; `encoding_format: base64` gives little-endian float32 bytes."""
+    """Embed texts or token ids; `encoding_format: base64` gives little-endian float32 bytes."""
     rt = runtime_of(request)
     declared_model(rt, body.model, "embedding")
-    texts = [body.input] if isinstance(body.input, str) else body.input
+    ids = _token_ids(body.input)
+    texts = await _decoded(rt, body.model, ids) if ids is not None else (
+        [body.input] if isinstance(body.input, str) else cast(list[str], body.input))
     vectors: np.ndarray = await abort_on_disconnect(request, lambda: rt.embed(body.model, texts,
                                                                               keep_alive=body.keep_alive))
     data = []
@@ -435,5 +382,25 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     lane = rt.pool.loaded(body.model)
     tokens = (sum(len(lane.engine.token_spans(t)) for t in texts)
               if lane is not None and isinstance(lane.engine, EmbeddingEngine) else 0)
+    if ids is not None:
+        tokens = sum(len(row) for row in ids)  # the ids sent are the tokens
     return json_response({"object": "list", "data": data, "model": body.model,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _token_ids(given: Any) -> list[list[int]] | None:
+    """The token-id rows of an embeddings input, or None when it is text."""
+    if isinstance(given, list) and given and isinstance(given[0], int):
+        return [given]
+    if isinstance(given, list) and given and isinstance(given[0], list):
+        return cast(list[list[int]], given)
+    return None
+
+
+async def _decoded(rt: Runtime, model: str, ids: list[list[int]]) -> list[str]:
+    """Token ids turned back into text by the embedder's own tokenizer (the lane is loaded for it)."""
+    engine = (await rt.load(model)).engine
+    if not isinstance(engine, DecodingEmbeddingEngine):
+        raise ApiError(400, f"model '{model}' cannot take token ids: its engine has no tokenizer here; send text",
+                       code="token_ids_unsupported")
+    return [engine.decode(row) for row in ids]
