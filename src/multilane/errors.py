@@ -100,3 +100,19 @@ class ItemError(MultilaneError):
         shown = repr(item)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         super().__init__(f"for_each item {index + 1} of {count} ({shown}): {cause}")
+
+
+class JournalError(MultilaneError):
+    """The run journal cannot be opened, written or read (or it is off); the message says where and what to do."""
+
+
+class UnknownRunError(JournalError, UnknownNameError):
+    """The journal has no run with this id."""
+
+
+class ResumeError(JournalError):
+    """A run cannot be resumed: it finished, it is running in another process, or its pipeline file changed."""
+
+
+class ReplayError(JournalError):
+    """A replay needs a model or tool output that its recording does not have (the pipeline changed since)."""

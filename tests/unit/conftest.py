@@ -32,6 +32,14 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(autouse=True)
+def _home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Every test gets its own MULTILANE_HOME, so runs are journaled under tmp_path, never in the user's cache."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MULTILANE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
     """The CLI and some tests configure structlog globally; give every test the defaults back."""
     yield

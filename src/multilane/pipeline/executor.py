@@ -140,7 +140,7 @@ def _messages(stage: GenerateStage, ctx: StageContext) -> list[Message]:
 
 def _options(stage: GenerateStage, schema: dict[str, Any] | None = None) -> SamplingOptions:
     return SamplingOptions(max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p,
-                           stop=tuple(stage.stop), json_schema=schema)
+                           stop=tuple(stage.stop), json_schema=schema, seed=stage.seed)
 
 
 async def _generate(stage: GenerateStage, ctx: StageContext, options: SamplingOptions) -> Completion:
