@@ -253,8 +253,8 @@ def test_bad_memory_budget_is_reported_at_its_line(written: str) -> None:
         assert "use bytes or a number with a unit like '512MB', '6GiB'" in caught.value.reason
 
 
-@pytest.mark.parametrize(("written", "setting"), [("off", "off"), ("false", "off"), ("runs/journal.db", "runs/journal.db"),
-                                                 ("null", None)])
+@pytest.mark.parametrize(("written", "setting"),
+                         [("off", "off"), ("false", "off"), ("runs/journal.db", "runs/journal.db"), ("null", None)])
 def test_journal_is_a_path_or_off(written: str, setting: str | None) -> None:
     spec = parse_spec(f"models:\n  a: {{kind: generate, source: x}}\nruntime: {{journal: {written}}}\n")
     assert spec.runtime.journal == setting
@@ -270,7 +270,8 @@ def test_a_journal_that_is_not_a_path_is_reported_at_its_line() -> None:
 
 def test_durable_without_a_journal_is_an_error_that_says_what_to_do() -> None:
     with pytest.raises(SpecError) as caught:
-        parse_spec("models:\n  a: {kind: generate, source: x}\nruntime:\n  journal: off\n  durable: true\n", "f.yaml")
+        parse_spec("models:\n  a: {kind: generate, source: x}\nruntime:\n  journal: off\n  durable: true\n",
+                   "f.yaml")
     assert caught.value.line == 3
     assert "durable: true needs a journal; remove journal: off or set durable: false" in str(caught.value)
 
