@@ -336,6 +336,13 @@ def read_cache(path: Path, key: str) -> Any:
 # Writing
 
 
+class _Barrier:
+    """Writes nothing: once the writer reaches it, everything queued before it is committed."""
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        """Nothing to write."""
+
+
 @dataclass
 class _Pending:
     record: JournalRecord
@@ -451,6 +458,18 @@ class Journal:
                 raise JournalError(f"cannot write the journal at {self.path}: {pending.error}; the run stops "
                                    "because runtime.durable is true") from pending.error
 
+    async def flush(self) -> None:
+        """Wait until every record queued so far is committed (or failed), so that reads see them."""
+        if self._db is None:
+            return
+        pending = _Pending(_Barrier(), anyio.Event())
+        try:
+            await self._send.send(pending)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return
+        assert pending.done is not None
+        await pending.done.wait()
+
     async def close(self) -> None:
         """Write what is queued, then close the file."""
         self._send.close()
@@ -468,14 +487,16 @@ class Journal:
 
     async def runs(self, *, limit: int = 20, pipeline: str | None = None,
                    status: str | None = None) -> list[RunRecord]:
-        """The latest runs, newest first."""
+        """The latest runs, newest first (what this process queued included)."""
         self._check_readable()
+        await self.flush()
         return await anyio.to_thread.run_sync(
             functools.partial(list_runs, self.path, limit=limit, pipeline=pipeline, status=status))
 
     async def load(self, run_id: str) -> LoadedRun:
-        """A run with its steps; raises UnknownRunError when there is no such run."""
+        """A run with its steps (what this process queued included); raises UnknownRunError when there is none."""
         self._check_readable()
+        await self.flush()
         return await anyio.to_thread.run_sync(load_run, self.path, run_id)
 
     async def cached(self, key: str) -> Any:
