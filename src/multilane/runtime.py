@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
@@ -386,9 +387,10 @@ class Runtime:
         if run.status == "finished":
             raise ResumeError(f"run '{run_id}' already finished; `multilane runs show {run_id}` shows its output, "
                               f"and `multilane runs replay {run_id}` runs it again from its recording")
-        if run_id in self._resuming or (run.status == "running" and not force):
+        here = run.pid == os.getpid() and run.host == socket.gethostname()
+        if run_id in self._resuming or (run.status == "running" and (here or not force)):
             raise ResumeError(f"run '{run_id}' is still running (process {run.pid} on {run.host}); resume it once "
-                              "that process is gone, or force it")
+                              "that process is gone" + ("" if here else ", or force it if you know it is"))
         if run.spec_hash != self.spec.digest and not force:
             raise ResumeError(
                 f"run '{run_id}' was started with a different version of {run.spec_file or 'its pipeline file'} "

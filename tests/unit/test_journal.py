@@ -384,6 +384,19 @@ async def test_resume_refuses_a_finished_run_and_an_unknown_one(fake_runtime) ->
             await rt.resume("nope")
 
 
+async def test_a_run_still_running_in_this_process_is_never_resumed(fake_runtime) -> None:
+    engine = GatedEngine(fan_reply, containing("Answer q1"))
+    rt, _ = fake_runtime(FAN, assistant=engine)
+    async with rt, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: rt.run("fan", topic="otters"))
+        await engine.reached.wait()
+        run_id = (await rt.journal.runs(limit=1))[0].run_id  # type: ignore[union-attr]
+        with pytest.raises(ResumeError, match=f"run '{run_id}' is still running .*gone$"):
+            await rt.resume(run_id, force=True)
+        engine.opened.set()
+    assert len(engine.calls) == 6
+
+
 async def test_resume_continues_a_run_that_failed(fake_runtime) -> None:
     failing = True
 
