@@ -101,9 +101,8 @@ def finished_items(journal: Path) -> int:
     return sum(1 for p in finished_paths(journal) if p.startswith("stage:notes/item:") and p.count("/") == 1)
 
 
-@pytest.mark.anyio
-async def test_a_killed_cli_run_resumes_without_repeating_its_finished_model_calls(project: Project,
-                                                                                     leftovers) -> None:
+def run_and_kill(project: Project) -> int:
+    """Start `multilane run` on the chain and SIGKILL it once its first stages and an item are journaled."""
     proc = subprocess.Popen([*CLI, "run", str(project.spec), "chain", "--input", f"topics={','.join(TOPICS)}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -114,7 +113,23 @@ async def test_a_killed_cli_run_resumes_without_repeating_its_finished_model_cal
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its vLLM engine core, with no chance to clean up
     proc.wait(30)
-    assert leftovers(proc.pid) == []
+    return proc.pid
+
+
+def cli_replay(project: Project, run_id: str) -> dict[str, object]:
+    """`multilane runs replay ID --json` in a process of its own; its result."""
+    done = subprocess.run([*CLI, "runs", "replay", run_id, "--journal", str(project.journal), "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+@pytest.mark.anyio
+async def test_a_killed_cli_run_resumes_without_repeating_its_finished_model_calls(project: Project,
+                                                                                     leftovers) -> None:
+    session = run_and_kill(project)
+    assert leftovers(session) == []
 
     loaded = load_run(project.journal, load_run_id(project.journal))
     assert loaded.run.status == "interrupted"
@@ -133,10 +148,7 @@ async def test_a_killed_cli_run_resumes_without_repeating_its_finished_model_cal
     after = load_run(project.journal, loaded.run.run_id).run
     assert (after.status, after.attempts, after.output) == ("finished", 2, result.output)
 
-    replayed = subprocess.run([*CLI, "runs", "replay", result.run_id, "--journal", str(project.journal), "--json"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert replayed.returncode == 0, replayed.stderr[-3000:]
-    assert json.loads(replayed.stdout)["output"] == result.output
+    assert cli_replay(project, result.run_id)["output"] == result.output  # and the CLI replays it, loading nothing
 
 
 def load_run_id(journal: Path) -> str:
