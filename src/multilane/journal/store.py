@@ -104,7 +104,8 @@ def _owner_alive(pid: int, host: str, started: float) -> bool:
     if host != socket.gethostname():
         return True
     try:
-        return abs(psutil.Process(pid).create_time() - started) < 1.0
+        process = psutil.Process(pid)
+        return abs(process.create_time() - started) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
