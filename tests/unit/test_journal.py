@@ -277,6 +277,18 @@ async def _gather(calls: list[Callable[[], Any]]) -> list[Any]:
     return out
 
 
+def mode_of(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+async def test_the_journal_file_is_readable_by_its_owner_only(fake_runtime, journal_file: Path) -> None:
+    rt, _ = fake_runtime(FAN, assistant=FakeGenerateEngine(fan_reply))
+    async with rt:
+        await rt.run("fan", topic="otters")
+        assert mode_of(journal_file) == 0o600
+        assert mode_of(journal_file.with_name("journal.db-wal")) == 0o600
+
+
 async def test_journal_off_records_nothing_and_resume_says_why(fake_runtime, journal_file: Path) -> None:
     rt, _ = fake_runtime(FAN.replace("models:", "runtime: {journal: off}\nmodels:"),
                          assistant=FakeGenerateEngine(fan_reply))

@@ -388,6 +388,8 @@ class Journal:
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Prompts and outputs are private: only the owner may read the file (SQLite gives its -wal the same mode).
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode = WAL")
