@@ -442,7 +442,7 @@ class Runtime:
                        ) -> RunResult:
         """Execute a run as the step `run`, under which every stage and call is a step through `layers`."""
         scope = Scope(run_id or uuid.uuid4().hex[:12], layers=layers)
-        attrs = {"pipeline": pipeline, "inputs": bound, "spec_hash": self.spec.digest,
+        attrs = {"pipeline": pipeline, "inputs": bound, "stages": list(declared.stages), "spec_hash": self.spec.digest,
                  "spec_file": str(self.spec.path.absolute()) if self.spec.path is not None else None}
         return await scope.run("run", lambda: execute(pipeline, declared, bound, self, sink=sink, scope=scope),
                                attrs=attrs, codec=_RUN_OUTPUT)

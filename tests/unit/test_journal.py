@@ -320,6 +320,10 @@ async def test_resume_reuses_finished_stages_and_items_and_calls_only_the_rest(f
         run_id = await interrupt(rt, first, "fan", topic="otters")
     assert load_run(journal_file, run_id).run.status == "cancelled"
     assert len(first.calls) == 3  # plan, q0, q1 finished; q2 was cut off before the engine
+    shown = describe_run(load_run(journal_file, run_id))
+    assert [(s["stage"], s["status"], s["items"]) for s in shown["stages"]] == [
+        ("plan", "ok", 0), ("each", "unfinished", 2), ("summary", "pending", 0)]
+    assert "summary - pending - - 0 0 0 0".split() in [line.split() for line in format_run(shown).splitlines()]
 
     second = FakeGenerateEngine(fan_reply)
     rt, _ = fake_runtime(FAN, assistant=second)
@@ -625,6 +629,21 @@ async def test_a_durable_runtime_refuses_to_start_without_its_journal(fake_runti
     spec = FAN.replace("models:", f"runtime: {{journal: {tmp_path / 'a-file' / 'j.db'}, durable: true}}\nmodels:")
     rt, _ = fake_runtime(spec, assistant=FakeGenerateEngine(fan_reply))
     with pytest.raises(JournalError, match=r"cannot open the journal at .*set runtime\.durable: false"):
+        async with rt:
+            pass
+
+
+def write_version(path: Path, version: int) -> None:
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {version}")
+
+
+async def test_a_journal_of_another_layout_is_refused_naming_its_version(fake_runtime, journal_file: Path) -> None:
+    write_version(journal_file, 7)
+    rt, _ = fake_runtime(FAN.replace("models:", "runtime: {durable: true}\nmodels:"))
+    with pytest.raises(JournalError, match=r"layout of journal version 7, and this multilane writes version 1; "
+                                           r"move it away"):
         async with rt:
             pass
 

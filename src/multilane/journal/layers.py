@@ -58,8 +58,8 @@ class JournalLayer:
 
     async def _run(self, step: Step, proceed: Proceed) -> Any:
         attrs = step.attrs
-        await self._journal.record(RunStarted(step.run_id, attrs["pipeline"], attrs["inputs"], attrs["spec_file"],
-                                              attrs["spec_hash"], self._attempt))
+        await self._journal.record(RunStarted(step.run_id, attrs["pipeline"], attrs["inputs"], attrs["stages"],
+                                              attrs["spec_file"], attrs["spec_hash"], self._attempt))
         try:
             result = await proceed()
         except Exception as exc:

@@ -21,18 +21,17 @@ def describe_run(loaded: LoadedRun) -> dict[str, Any]:
     """A run with its stages (status, timings, tokens, calls), agent transcripts and errors, JSON-ready."""
     run = loaded.run
     records = sorted(loaded.steps.values(), key=lambda r: r.started_at)
-    stages: dict[str, dict[str, Any]] = {}
+    stages = {name: _stage_row(name) for name in run.stages}  # in the pipeline's order; `pending` until they start
     agents: dict[str, dict[str, Any]] = {}
     unfinished = "running" if run.status == "running" else "unfinished"
     for record in records:
         name = _stage_of(record.path)
         if name is None:
             continue
-        stage = stages.setdefault(name, {
-            "stage": name, "kind": None, "status": unfinished, "started_at": record.started_at, "finished_at": None,
-            "seconds": None, "items": 0, "items_failed": 0, "model_calls": 0, "cached_calls": 0,
-            "prompt_tokens": 0, "completion_tokens": 0, "error": None})
-        stage["started_at"] = min(stage["started_at"], record.started_at)
+        stage = stages.setdefault(name, _stage_row(name))
+        if stage["status"] == "pending":
+            stage["status"] = unfinished
+        stage["started_at"] = min(stage["started_at"] or record.started_at, record.started_at)
         if record.kind == "stage":
             stage.update(kind=record.attrs.get("kind"), status="ok" if record.ok else "failed",
                          started_at=record.started_at, finished_at=record.finished_at,
@@ -48,10 +47,16 @@ def describe_run(loaded: LoadedRun) -> dict[str, Any]:
             _add_to_transcript(agents, record, unfinished)
     models = [r for r in records if r.kind == "model"]
     errors = [{"path": r.path, "kind": r.kind, "error": r.error} for r in records if not r.ok]
-    return {**run.to_dict(), "stages": sorted(stages.values(), key=lambda s: s["started_at"]),
+    return {**run.to_dict(), "stages": list(stages.values()),
             "agents": list(agents.values()), "errors": errors, "model_calls": len(models),
             "cached_calls": sum(r.cached for r in models), "prompt_tokens": sum(r.prompt_tokens for r in models),
             "completion_tokens": sum(r.completion_tokens for r in models)}
+
+
+def _stage_row(name: str) -> dict[str, Any]:
+    return {"stage": name, "kind": None, "status": "pending", "started_at": None, "finished_at": None,
+            "seconds": None, "items": 0, "items_failed": 0, "model_calls": 0, "cached_calls": 0, "prompt_tokens": 0,
+            "completion_tokens": 0, "error": None}
 
 
 def _add_to_transcript(agents: dict[str, dict[str, Any]], record: StepRecord, unfinished: str) -> None:

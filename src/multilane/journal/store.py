@@ -13,7 +13,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     pipeline TEXT NOT NULL,
     inputs TEXT NOT NULL,
+    stages TEXT NOT NULL,          -- the pipeline's stage names, in declaration order
     spec_file TEXT,
     spec_hash TEXT NOT NULL,
     status TEXT NOT NULL,          -- running | finished | failed | cancelled
@@ -129,6 +130,7 @@ class RunStarted:
     run_id: str
     pipeline: str
     inputs: Mapping[str, Any]
+    stages: Sequence[str]
     spec_file: str | None
     spec_hash: str
     attempt: int = 1
@@ -138,14 +140,16 @@ class RunStarted:
         """Insert the run, or mark a resumed one running again."""
         pid, host, pid_started = _owner()
         if self.attempt == 1:
-            db.execute("INSERT INTO runs (run_id, pipeline, inputs, spec_file, spec_hash, status, started_at, "
-                       "attempts, pid, host, pid_started) VALUES (?, ?, ?, ?, ?, 'running', ?, 1, ?, ?, ?)",
-                       (self.run_id, self.pipeline, _dump(self.inputs), self.spec_file, self.spec_hash,
-                        self.started_at, pid, host, pid_started))
+            db.execute("INSERT INTO runs (run_id, pipeline, inputs, stages, spec_file, spec_hash, status, "
+                       "started_at, attempts, pid, host, pid_started) "
+                       "VALUES (?, ?, ?, ?, ?, ?, 'running', ?, 1, ?, ?, ?)",
+                       (self.run_id, self.pipeline, _dump(self.inputs), _dump(list(self.stages)), self.spec_file,
+                        self.spec_hash, self.started_at, pid, host, pid_started))
         else:
             db.execute("UPDATE runs SET status = 'running', error = NULL, finished_at = NULL, attempts = ?, "
-                       "spec_hash = ?, pid = ?, host = ?, pid_started = ? WHERE run_id = ?",
-                       (self.attempt, self.spec_hash, pid, host, pid_started, self.run_id))
+                       "stages = ?, spec_hash = ?, pid = ?, host = ?, pid_started = ? WHERE run_id = ?",
+                       (self.attempt, _dump(list(self.stages)), self.spec_hash, pid, host, pid_started,
+                        self.run_id))
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,7 @@ class RunRecord:
     run_id: str
     pipeline: str
     inputs: dict[str, Any]
+    stages: list[str]
     spec_file: str | None
     spec_hash: str
     status: str
@@ -235,6 +240,7 @@ class RunRecord:
         """A JSON-ready view of the run."""
         seconds = None if self.finished_at is None else round(self.finished_at - self.started_at, 3)
         return {"run_id": self.run_id, "pipeline": self.pipeline, "status": self.status, "inputs": self.inputs,
+                "stage_names": self.stages,
                 "output": self.output, "error": self.error, "started_at": self.started_at,
                 "finished_at": self.finished_at, "seconds": seconds, "attempts": self.attempts,
                 "spec_file": self.spec_file, "spec_hash": self.spec_hash, "pid": self.pid, "host": self.host}
@@ -267,16 +273,16 @@ class LoadedRun:
     steps: dict[str, StepRecord]
 
 
-_RUN_COLUMNS = ("run_id, pipeline, inputs, spec_file, spec_hash, status, output, error, started_at, finished_at, "
-                "attempts, pid, host, pid_started")
+_RUN_COLUMNS = ("run_id, pipeline, inputs, stages, spec_file, spec_hash, status, output, error, started_at, "
+                "finished_at, attempts, pid, host, pid_started")
 
 
 def _run_record(row: tuple[Any, ...]) -> RunRecord:
-    (run_id, pipeline, inputs, spec_file, spec_hash, status, output, error, started_at, finished_at, attempts, pid,
-     host, pid_started) = row
+    (run_id, pipeline, inputs, stages, spec_file, spec_hash, status, output, error, started_at, finished_at,
+     attempts, pid, host, pid_started) = row
     if status == "running" and not _owner_alive(pid, host, pid_started):
         status = "interrupted"
-    return RunRecord(run_id, pipeline, json.loads(inputs), spec_file, spec_hash, status,
+    return RunRecord(run_id, pipeline, json.loads(inputs), json.loads(stages), spec_file, spec_hash, status,
                      None if output is None else json.loads(output), error, started_at, finished_at, attempts, pid,
                      host)
 
@@ -395,6 +401,10 @@ class Journal:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")  # in WAL mode: safe against a killed process
             db.execute("PRAGMA foreign_keys = ON")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(f"it has the layout of journal version {version}, and this multilane "
+                                            f"writes version {SCHEMA_VERSION}; move it away to start a new one")
             with db:
                 db.executescript(_SCHEMA)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
