@@ -586,6 +586,17 @@ async def test_a_model_with_cache_true_caches_its_agent_calls(fake_runtime, agen
     assert looked_up(agent_files) == ["otter", "otter"]  # tools are not cached: only model calls are
 
 
+async def test_a_standalone_agent_run_uses_the_cache_but_is_not_journaled(fake_runtime, agent_files: Path) -> None:
+    engine = FakeGenerateEngine(agent_reply)
+    rt, _ = fake_runtime(AGENT_SPEC.replace("./assistant}", "./assistant, cache: true}"), assistant=engine)
+    async with rt:
+        first = await rt.run_agent("boss", "What do otters do?")
+        second = await rt.run_agent("boss", "What do otters do?")
+        assert rt.journal is not None and await rt.journal.runs() == []
+    assert len(engine.calls) == 4 and first.answer == second.answer
+    assert [s.cached for s in second.steps] == [True, True]
+
+
 async def test_the_cache_outlasts_the_runtime_through_the_journal(fake_runtime) -> None:
     engine = FakeGenerateEngine("Lava.")
     rt, _ = fake_runtime(CACHED, assistant=engine)
