@@ -539,6 +539,16 @@ async def test_a_cache_hit_skips_the_engine_and_says_so(fake_runtime, journal_fi
     assert (shown["model_calls"], shown["cached_calls"]) == (1, 1)
 
 
+async def test_identical_calls_at_the_same_time_reach_the_engine_once(fake_runtime) -> None:
+    engine = FakeGenerateEngine("Lava is molten rock.", token_delay=0.01)
+    rt, _ = fake_runtime(CACHED, assistant=engine)
+    async with rt:
+        results = await _gather([lambda: rt.run("ask", question="What is lava?") for _ in range(3)])
+    assert len(engine.calls) == 1
+    assert sorted(r.stages["answer"]["cached"] for r in results) == [False, True, True]
+    assert {r.output for r in results} == {"Lava is molten rock."}
+
+
 async def test_a_changed_prompt_or_option_misses_the_cache(fake_runtime) -> None:
     engine = FakeGenerateEngine("Lava.")
     rt, _ = fake_runtime(CACHED + """

@@ -146,6 +146,7 @@ class CacheLayer:
 
     The key is the model's identity (weights and engine settings), the prompt messages, the sampling options
     and the JSON schema. Entries live in memory and, with a journal, in its file, so they outlast the process.
+    Identical calls made at the same time reach the engine once: the others wait for its result.
     """
 
     def __init__(self, *, identity: Callable[[str], Awaitable[str]], wanted: Callable[[str], bool],
@@ -156,6 +157,7 @@ class CacheLayer:
         self._journal = journal
         self._memory: OrderedDict[str, Any] = OrderedDict()
         self._memory_entries = memory_entries
+        self._inflight: dict[str, anyio.Event] = {}
 
     async def around(self, step: Step, proceed: Proceed) -> Any:
         """Answer a cacheable model call from the cache, or make it and keep its result."""
@@ -168,9 +170,7 @@ class CacheLayer:
             return await proceed()
         key = await self._key(model, attrs)
         counts = self._counts.setdefault(model, CacheCounts())
-        found = self._memory.get(key)
-        if found is None and self._journal is not None:
-            found = await self._journal.cached(key)
+        found = await self._lookup(key)
         if found is not None:
             self._keep(key, found)
             counts.hits += 1
@@ -178,12 +178,30 @@ class CacheLayer:
             done = completion_from_json(found)
             return dataclasses.replace(done, extra={**done.extra, "cached": True})
         counts.misses += 1
-        result = await proceed()
-        encoded = COMPLETION.encode(result)
-        self._keep(key, encoded)
+        self._inflight[key] = done_event = anyio.Event()
+        try:
+            result = await proceed()
+            encoded = COMPLETION.encode(result)
+            self._keep(key, encoded)
+        finally:
+            del self._inflight[key]
+            done_event.set()
         if self._journal is not None:
             await self._journal.record(CachePut(key, model, encoded))
         return result
+
+    async def _lookup(self, key: str) -> Any:
+        """The cached result: from memory, from the journal, or once the same call under way now is done.
+
+        None means the caller makes the call: no identical call is under way as it returns.
+        """
+        if key not in self._memory and key not in self._inflight and self._journal is not None:
+            found = await self._journal.cached(key)
+            if found is not None:
+                return found
+        while (running := self._inflight.get(key)) is not None:
+            await running.wait()  # when that call failed, this one may be made itself
+        return self._memory.get(key)
 
     async def _key(self, model: str, attrs: Mapping[str, Any]) -> str:
         identity = await self._identity(model)
