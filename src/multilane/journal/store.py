@@ -302,18 +302,22 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection]:
 def list_runs(path: Path, *, limit: int = 20, pipeline: str | None = None,
               status: str | None = None) -> list[RunRecord]:
     """The latest runs, newest first; `status` filters on the status shown (`interrupted` included)."""
-    query = f"SELECT {_RUN_COLUMNS} FROM runs"
+    where: list[str] = []
     args: list[Any] = []
     if pipeline is not None:
-        query += " WHERE pipeline = ?"
+        where.append("pipeline = ?")
         args.append(pipeline)
+    if status is not None:  # an interrupted run is stored as running: whether its process lives is seen on reading
+        where.append("status = ?")
+        args.append("running" if status == "interrupted" else status)
+    query = f"SELECT {_RUN_COLUMNS} FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "")
     query += " ORDER BY started_at DESC"
+    if status not in ("running", "interrupted"):
+        query += f" LIMIT {int(limit)}"
     with _reading(path) as db:
         rows = db.execute(query, args).fetchall()
     runs = [_run_record(row) for row in rows]
-    if status is not None:
-        runs = [run for run in runs if run.status == status]
-    return runs[:limit]
+    return [run for run in runs if status is None or run.status == status][:limit]
 
 
 def load_run(path: Path, run_id: str) -> LoadedRun:
