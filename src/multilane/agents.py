@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import inspect
@@ -24,6 +25,7 @@ from pydantic.fields import FieldInfo
 
 from multilane.engines.base import Completion, Message, SamplingOptions
 from multilane.errors import AgentStepLimitError, MultilaneError, OutputValidationError
+from multilane.steps import Codec, Scope
 
 if TYPE_CHECKING:
     from multilane.retrieval import OpenedIndex
@@ -57,12 +59,16 @@ class AgentRuntime(Protocol):
 
 @dataclass(frozen=True)
 class AgentContext:
-    """What a tool receives when one of its parameters is annotated `AgentContext`: the runtime and the run."""
+    """What a tool receives when one of its parameters is annotated `AgentContext`: the runtime and the run.
+
+    `scope` is the tool call's place in the run (see `multilane.steps`), under which a sub-agent's steps go.
+    """
 
     runtime: AgentRuntime
     agent: Agent
     run_id: str
     depth: int = 0
+    scope: Scope | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +253,13 @@ class ToolCall:
             out["sub"] = self.sub.to_dict()
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ToolCall:
+        """The call back from `to_dict()` (a sub-agent's answer stays as JSON)."""
+        sub = data.get("sub")
+        return cls(data["tool"], data["arguments"], data["result"], data["ok"], data["started"], data["finished"],
+                   data.get("error"), AgentResult.from_dict(sub) if sub is not None else None)
+
 
 @dataclass(frozen=True)
 class AgentStep:
@@ -262,13 +275,21 @@ class AgentStep:
     calls: tuple[ToolCall, ...] = ()
     answer: Any = None
     error: str | None = None
+    cached: bool = False  # the model call was answered from the cache
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view of the step."""
         return {"index": self.index, "kind": self.kind, "output": self.output, "answer": _jsonable(self.answer),
                 "error": self.error, "calls": [c.to_dict() for c in self.calls],
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "started": self.started, "finished": self.finished}
+                "cached": self.cached, "started": self.started, "finished": self.finished}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AgentStep:
+        """The step back from `to_dict()` (its answer stays as JSON)."""
+        return cls(data["index"], data["kind"], data["output"], data["prompt_tokens"], data["completion_tokens"],
+                   data["started"], data["finished"], tuple(ToolCall.from_dict(c) for c in data["calls"]),
+                   data.get("answer"), data.get("error"), bool(data.get("cached", False)))
 
 
 @dataclass(frozen=True)
@@ -314,6 +335,12 @@ class AgentResult:
                 "steps": len(self.steps), "transcript": self.transcript, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "seconds": round(self.seconds, 3),
                 "started": self.started, "finished": self.finished}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AgentResult:
+        """The run back from `to_dict()` (its answer stays as JSON)."""
+        return cls(data["agent"], data["run_id"], data["task"], data.get("answer"),
+                   tuple(AgentStep.from_dict(s) for s in data["transcript"]), data["started"], data["finished"])
 
 
 def _jsonable(value: Any) -> Any:
@@ -393,7 +420,8 @@ class Agent:
         agent = self
 
         async def run(ctx: AgentContext, task: str) -> AgentResult:
-            return await run_agent(agent, task, ctx.runtime, depth=ctx.depth + 1)
+            scope = ctx.scope.child("agent") if ctx.scope is not None else None
+            return await run_agent(agent, task, ctx.runtime, depth=ctx.depth + 1, scope=scope)
 
         run.__annotations__ = {"ctx": AgentContext, "return": AgentResult, "task": Annotated[str, Field(
             min_length=1, max_length=max_task_chars)]}
@@ -529,14 +557,29 @@ async def _call_tool(tool_: Tool, arguments: Any, ctx: AgentContext, limit: int)
     return ToolCall(tool_.name, arguments, text, True, started, time.perf_counter(), sub=sub)
 
 
+TOOL_CALL: Codec[ToolCall] = Codec(ToolCall.to_dict, ToolCall.from_dict)
+AGENT_STEP: Codec[AgentStep] = Codec(AgentStep.to_dict)  # re-run over its recorded model and tool calls
+AGENT_RESULT: Codec[AgentResult] = Codec(AgentResult.to_dict)
+
+
 async def _call_tools(wanted: Sequence[dict[str, Any]], available: Sequence[Tool], ctx: AgentContext,
-                      limit: int) -> tuple[ToolCall, ...]:
-    """Make a step's calls; several calls run at the same time in one task group, their results kept in order."""
+                      limit: int, scope: Scope) -> tuple[ToolCall, ...]:
+    """Make a step's calls; several calls run at the same time in one task group, their results kept in order.
+
+    Each call is the step `tool:<i>` under the agent step's scope; a plain tool is a leaf (a replay answers it
+    from the recording), a sub-agent is not (its own model calls are).
+    """
     by_name = {t.name: t for t in available}
     calls: list[ToolCall | None] = [None] * len(wanted)
 
     async def one(i: int, call: dict[str, Any]) -> None:
-        calls[i] = await _call_tool(by_name[call["tool"]], call["arguments"], ctx, limit)
+        tool_ = by_name[call["tool"]]
+        tool_scope = scope.child(f"tool:{i}")
+        tool_ctx = dataclasses.replace(ctx, scope=tool_scope)
+        made: ToolCall = await tool_scope.run(
+            "tool", functools.partial(_call_tool, tool_, call["arguments"], tool_ctx, limit),
+            attrs={"tool": tool_.name, "arguments": call["arguments"]}, codec=TOOL_CALL, leaf=tool_.agent is None)
+        calls[i] = made
 
     async with anyio.create_task_group() as tg:
         for i, call in enumerate(wanted):
@@ -544,76 +587,98 @@ async def _call_tools(wanted: Sequence[dict[str, Any]], available: Sequence[Tool
     return tuple(c for c in calls if c is not None)
 
 
+@dataclass
+class _Conversation:
+    """What an agent run carries from step to step: the messages, tool failures, and steps that made calls."""
+
+    messages: list[Message]
+    failures: Counter[str]
+    tool_steps: int = 0
+
+
+async def _take_step(agent: Agent, index: int, chat: _Conversation, runtime: AgentRuntime, ctx: AgentContext,
+                     scope: Scope) -> AgentStep:
+    """One step: generate under the step schema, then answer, or make the calls and add their results."""
+    available = [t for t in agent.tools if chat.failures[t.name] <= agent.tool_retries]
+    may_call = agent.max_tool_steps is None or chat.tool_steps < agent.max_tool_steps
+    schema = agent.step_schema(first=index == 1, tools=available, may_call=may_call)
+    options = SamplingOptions(max_tokens=agent.max_tokens, temperature=agent.temperature, json_schema=schema)
+    messages = list(chat.messages)
+    t0 = time.perf_counter()
+    done = await scope.generate(agent.model, messages, options,
+                                lambda: runtime.generate(agent.model, messages, options))
+    value = _parse_step(agent, index, done, schema, available)
+    chat.messages.append({"role": "assistant", "content": done.text})
+    pt, ct, cached = done.prompt_tokens, done.completion_tokens, bool(done.extra.get("cached"))
+    if "answer" in value:
+        try:
+            answer = agent.answer(value["answer"])
+        except (ValidationError, TypeError) as exc:  # passed the schema, failed a validator: try again
+            chat.messages.append({"role": "user", "content": f"Your answer was rejected: {exc}"[:600]})
+            return AgentStep(index, "rejected", done.text, pt, ct, t0, time.perf_counter(),
+                             error=f"answer rejected: {exc}", cached=cached)
+        return AgentStep(index, "answer", done.text, pt, ct, t0, time.perf_counter(), answer=answer, cached=cached)
+    wanted = value["calls"] if "calls" in value else [value]
+    made = await _call_tools(wanted, available, ctx, agent.max_result_chars, scope)
+    chat.tool_steps += 1
+    notes: list[str] = []
+    for call_ in made:
+        if not call_.ok:
+            chat.failures[call_.tool] += 1
+            if chat.failures[call_.tool] > agent.tool_retries:
+                notes.append(f"{call_.tool} failed too often and is no longer available.")
+    reply = "\n\n".join(f"[{i}] {c.result}" if len(made) > 1 else c.result for i, c in enumerate(made, 1))
+    if made and all(c.ok for c in made) and len(made) == 1:
+        reply = f"{made[0].tool} returned:\n{reply}"
+    if agent.max_tool_steps is not None and chat.tool_steps >= agent.max_tool_steps:
+        notes.append("Now give your answer.")
+    chat.messages.append({"role": "user", "content": "\n".join([reply, *notes])})
+    return AgentStep(index, "calls", done.text, pt, ct, t0, time.perf_counter(), calls=made, cached=cached)
+
+
 async def run_agent(agent: Agent, task: str, runtime: AgentRuntime, *, depth: int = 0, run_id: str | None = None,
-                    on_step: StepCallback | None = None) -> AgentResult:
-    """Loop an agent to an answer; raises AgentStepLimitError (with the transcript) when it runs out of steps."""
+                    on_step: StepCallback | None = None, scope: Scope | None = None) -> AgentResult:
+    """Loop an agent to an answer; raises AgentStepLimitError (with the transcript) when it runs out of steps.
+
+    `scope` is the agent's place in a run (see `multilane.steps`): its steps, model and tool calls are steps
+    under it. Without one, the run stands alone and nothing is recorded.
+    """
     if depth > MAX_DEPTH:
         raise MultilaneError(f"agent '{agent.name}': agents nest deeper than {MAX_DEPTH} levels")
-    run_id = run_id or uuid.uuid4().hex[:12]
-    ctx = AgentContext(runtime, agent, run_id, depth)
-    messages: list[Message] = [{"role": "system", "content": agent.system_prompt()},
-                               {"role": "user", "content": task}]
+    scope = scope if scope is not None else Scope(run_id or uuid.uuid4().hex[:12]).child("agent")
+    run_id = run_id or scope.derived_id()  # the same id each time a recorded run executes again
+    attrs = {"agent": agent.name, "model": agent.model, "task": task, "depth": depth}
+    return await scope.run("agent", functools.partial(_run_loop, agent, task, runtime, depth, run_id, on_step, scope),
+                           attrs=attrs, codec=AGENT_RESULT)
+
+
+async def _run_loop(agent: Agent, task: str, runtime: AgentRuntime, depth: int, run_id: str,
+                    on_step: StepCallback | None, scope: Scope) -> AgentResult:
+    ctx = AgentContext(runtime, agent, run_id, depth, scope)
+    chat = _Conversation([{"role": "system", "content": agent.system_prompt()}, {"role": "user", "content": task}],
+                         Counter())
     steps: list[AgentStep] = []
-    failures: Counter[str] = Counter()
-    tool_steps = 0
     started = time.perf_counter()
     with structlog.contextvars.bound_contextvars(agent=agent.name, agent_run=run_id):
         log.info("agent started", model=agent.model, task=task[:200], depth=depth)
-        for index in range(agent.max_steps):
-            available = [t for t in agent.tools if failures[t.name] <= agent.tool_retries]
-            may_call = agent.max_tool_steps is None or tool_steps < agent.max_tool_steps
-            schema = agent.step_schema(first=index == 0, tools=available, may_call=may_call)
-            options = SamplingOptions(max_tokens=agent.max_tokens, temperature=agent.temperature, json_schema=schema)
-            t0 = time.perf_counter()
-            done = await runtime.generate(agent.model, messages, options)
-            value = _parse_step(agent, index + 1, done, schema, available)
-            messages.append({"role": "assistant", "content": done.text})
-            tokens = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
-            pt, ct = done.prompt_tokens, done.completion_tokens
-            if "answer" in value:
-                try:
-                    answer = agent.answer(value["answer"])
-                except (ValidationError, TypeError) as exc:  # passed the schema, failed a validator: try again
-                    step = AgentStep(index + 1, "rejected", done.text, pt, ct, t0, time.perf_counter(),
-                                     error=f"answer rejected: {exc}")
-                    messages.append({"role": "user", "content": f"Your answer was rejected: {exc}"[:600]})
-                else:
-                    step = AgentStep(index + 1, "answer", done.text, pt, ct, t0, time.perf_counter(),
-                                     answer=answer)
-                    steps.append(step)
-                    log.info("agent step", step=step.index, kind="answer", **tokens)
-                    if on_step is not None:
-                        await on_step(step)
-                    result = AgentResult(agent.name, run_id, task, answer, tuple(steps), started, time.perf_counter())
-                    log.info("agent finished", steps=len(steps), seconds=round(result.seconds, 3),
-                             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                             transcript=result.transcript)
-                    return result
-            else:
-                wanted = value["calls"] if "calls" in value else [value]
-                made = await _call_tools(wanted, available, ctx, agent.max_result_chars)
-                tool_steps += 1
-                notes: list[str] = []
-                for call_ in made:
-                    if not call_.ok:
-                        failures[call_.tool] += 1
-                        if failures[call_.tool] > agent.tool_retries:
-                            notes.append(f"{call_.tool} failed too often and is no longer available.")
-                reply = "\n\n".join(f"[{i}] {c.result}" if len(made) > 1 else c.result
-                                    for i, c in enumerate(made, 1))
-                if made and all(c.ok for c in made) and len(made) == 1:
-                    reply = f"{made[0].tool} returned:\n{reply}"
-                if agent.max_tool_steps is not None and tool_steps >= agent.max_tool_steps:
-                    notes.append("Now give your answer.")
-                messages.append({"role": "user", "content": "\n".join([reply, *notes])})
-                step = AgentStep(index + 1, "calls", done.text, pt, ct, t0, time.perf_counter(),
-                                 calls=made)
+        for index in range(1, agent.max_steps + 1):
+            step_scope = scope.child(f"step:{index}")
+            step = await step_scope.run(
+                "agent_step", functools.partial(_take_step, agent, index, chat, runtime, ctx, step_scope),
+                attrs={"agent": agent.name, "step": index, "task": task}, codec=AGENT_STEP)
             steps.append(step)
             log.info("agent step", step=step.index, kind=step.kind, error=step.error,
                      calls=[{"tool": c.tool, "arguments": c.arguments, "ok": c.ok, "result": c.result[:200]}
-                            for c in step.calls], **tokens)
+                            for c in step.calls],
+                     prompt_tokens=step.prompt_tokens, completion_tokens=step.completion_tokens)
             if on_step is not None:
                 await on_step(step)
+            if step.kind == "answer":
+                result = AgentResult(agent.name, run_id, task, step.answer, tuple(steps), started, time.perf_counter())
+                log.info("agent finished", steps=len(steps), seconds=round(result.seconds, 3),
+                         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                         transcript=result.transcript)
+                return result
         result = AgentResult(agent.name, run_id, task, None, tuple(steps), started, time.perf_counter())
         log.warning("agent ran out of steps", steps=len(steps), transcript=result.transcript)
     raise AgentStepLimitError(

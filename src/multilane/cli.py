@@ -18,6 +18,9 @@ app = typer.Typer(help="Multilane: agent and RAG pipelines on resident local mod
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 index_app = typer.Typer(help="Build and inspect document indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+runs_app = typer.Typer(help="Look at journaled runs, resume interrupted ones, replay recorded ones.",
+                       no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True,
                                       help="Log progress to stderr; -vv also debug and the model libraries' logs.")]
@@ -302,6 +305,130 @@ def bench(suites: Annotated[list[str] | None, typer.Argument(
         module.chart(results, out / "throughput.png")
     typer.echo(module.table(results))
     typer.echo(f"\nresults: {out / 'latest.json'}")
+
+
+JournalOption = Annotated[Path | None, typer.Option(
+    "--journal", help="The journal file (default: --file's runtime.journal, else MULTILANE_HOME/journal.db).")]
+FileOption = Annotated[Path | None, typer.Option(
+    "--file", "-f", help="Pipeline file (YAML); for resume and replay, default: the file the run started from.")]
+RunId = Annotated[str, typer.Argument(help="The run's id (`multilane runs list` shows them).")]
+
+
+def _journal_file(journal: Path | None, file: Path | None) -> Path:
+    """The journal to read: --journal, else the pipeline file's runtime.journal, else the default one."""
+    from multilane.journal import default_journal_path, journal_path
+    from multilane.spec import read_spec, read_spec_file
+
+    if journal is not None:
+        return journal
+    if file is None:
+        return default_journal_path()
+    try:
+        spec = read_spec(read_spec_file(file), str(file), file.absolute().parent, file)
+    except MultilaneError as exc:
+        _fail(str(exc))
+    path = journal_path(spec)
+    if path is None:
+        _fail(f"{file} keeps no journal (runtime.journal: off)")
+    return path  # type: ignore[return-value]  # _fail exits
+
+
+def _run_file(path: Path, run_id: str, file: Path | None) -> Path:
+    """The pipeline file to resume or replay a run with: --file, else the one the run started from."""
+    from multilane.journal import load_run
+
+    if file is not None:
+        return file
+    try:
+        recorded = load_run(path, run_id).run.spec_file
+    except MultilaneError as exc:
+        _fail(str(exc))
+    if recorded is None:
+        _fail(f"run '{run_id}' was started from pipeline text, not a file; pass --file")
+    return Path(recorded)  # type: ignore[arg-type]  # _fail exits
+
+
+def _echo_result(result: Any, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    elif isinstance(result.output, str):
+        typer.echo(result.output.strip())
+    else:
+        typer.echo(json.dumps(result.output, indent=2, default=str))
+
+
+@runs_app.command("list")
+def runs_list(journal: JournalOption = None, file: FileOption = None,
+              limit: Annotated[int, typer.Option("--limit", "-n", help="How many runs, newest first.")] = 20,
+              pipeline: Annotated[str | None, typer.Option("--pipeline", help="Only runs of this pipeline.")] = None,
+              status: Annotated[str | None, typer.Option(
+                  "--status", help="Only runs in this status: running, interrupted, finished, failed, cancelled.")
+              ] = None,
+              as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False) -> None:
+    """List journaled runs, newest first: id, pipeline, status (interrupted when its process died), timings."""
+    from multilane.journal import format_runs, list_runs
+
+    try:
+        runs = list_runs(_journal_file(journal, file), limit=limit, pipeline=pipeline, status=status)
+    except MultilaneError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps([run.to_dict() for run in runs], indent=2, default=str))
+    else:
+        typer.echo(format_runs(runs))
+
+
+@runs_app.command("show")
+def runs_show(run_id: RunId, journal: JournalOption = None, file: FileOption = None,
+              as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False) -> None:
+    """Show a run: status, inputs, stages with timings and tokens, agent transcripts, errors, output."""
+    from multilane.journal import describe_run, format_run, load_run
+
+    try:
+        described = describe_run(load_run(_journal_file(journal, file), run_id))
+    except MultilaneError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(described, indent=2, default=str) if as_json else format_run(described))
+
+
+@runs_app.command("resume")
+def runs_resume(run_id: RunId, journal: JournalOption = None, file: FileOption = None,
+                force: Annotated[bool, typer.Option(
+                    "--force", help="Resume even though the pipeline file changed since the run started.")] = False,
+                as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+                verbose: Verbose = 0) -> None:
+    """Finish an interrupted (or failed) run: what its journal holds is reused, the rest runs; print its output."""
+    configure_logging(verbose)
+    from multilane.runtime import Runtime
+
+    path = _journal_file(journal, file)
+    spec_file = _run_file(path, run_id, file)
+
+    async def go() -> None:
+        async with Runtime.from_file(spec_file, journal=path, progress=_progress) as rt:
+            result = await rt.resume(run_id, force=force)
+        _echo_result(result, as_json)
+
+    _run_async(go)
+
+
+@runs_app.command("replay")
+def runs_replay(run_id: RunId, journal: JournalOption = None, file: FileOption = None,
+                as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+                verbose: Verbose = 0) -> None:
+    """Run a recorded run again from its recorded model, retrieval and tool outputs, loading no model."""
+    configure_logging(verbose)
+    from multilane.runtime import Runtime
+
+    path = _journal_file(journal, file)
+    spec_file = _run_file(path, run_id, file)
+
+    async def go() -> None:
+        async with Runtime.from_file(spec_file, journal=path, offline=True) as rt:
+            result = await rt.replay(run_id)
+        _echo_result(result, as_json)
+
+    _run_async(go)
 
 
 def _run_async(fn: Any) -> None:

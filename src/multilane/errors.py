@@ -108,3 +108,19 @@ class CorpusError(MultilaneError):
 
 class DatasetError(MultilaneError):
     """An evaluation dataset is malformed; the message names the file, line and field."""
+
+
+class JournalError(MultilaneError):
+    """The run journal cannot be opened, written or read (or it is off); the message says where and what to do."""
+
+
+class UnknownRunError(JournalError, UnknownNameError):
+    """The journal has no run with this id."""
+
+
+class ResumeError(JournalError):
+    """A run cannot be resumed: it finished, it is running in another process, or its pipeline file changed."""
+
+
+class ReplayError(JournalError):
+    """A replay needs a model or tool output that its recording does not have (the pipeline changed since)."""

@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import os
+import socket
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -19,13 +21,16 @@ import structlog
 
 from multilane.durations import parse_duration
 from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateEngine, Message, SamplingOptions
-from multilane.errors import EngineError, MultilaneError, UnknownNameError
+from multilane.errors import EngineError, JournalError, MultilaneError, ResumeError, UnknownNameError
+from multilane.journal import CacheCounts, CacheLayer, Journal, JournalLayer, LoadedRun, ReplayLayer, ResumeLayer
+from multilane.journal import journal_path as spec_journal_path
 from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
 from multilane.pipeline.executor import RunEvent, RunResult, execute
 from multilane.project import load_spec
 from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home, resolve_source
-from multilane.spec import ModelSpec, Spec
+from multilane.spec import ModelSpec, PipelineSpec, Spec
+from multilane.steps import Codec, Layer, Scope, canonical_json
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentResult
@@ -154,13 +159,35 @@ class _LaneEmbedder:
         return None
 
 
+_RUN_OUTPUT: Codec[RunResult] = Codec(lambda result: result.output)  # what the journal keeps of a finished run
+
+
+async def _offline_engines(name: str, spec: Spec) -> Engine:
+    raise EngineError(f"this runtime is offline (it replays recorded runs) and loads no model; model '{name}' "
+                      "was asked for")
+
+
 class Runtime:
-    """Runs a pipeline file's pipelines on resident models; use it as `async with Runtime.from_file(...)`."""
+    """Runs a pipeline file's pipelines on resident models; use it as `async with Runtime.from_file(...)`.
+
+    Runs are journaled (`runtime.journal`, or `journal=` a path or "off"), so they can be looked at, resumed
+    and replayed. An `offline` runtime loads no model: it is for replays.
+    """
 
     def __init__(self, spec: Spec, *, engines: EngineFactory | None = None, index_root: Path | None = None,
-                 progress: ProgressCallback | None = None) -> None:
+                 progress: ProgressCallback | None = None, journal: str | os.PathLike[str] | None = None,
+                 offline: bool = False) -> None:
         self.spec = spec
-        self._engine_factory = engines
+        self.offline = offline
+        self._engine_factory = _offline_engines if offline else engines
+        if journal is None:
+            self._journal_file = spec_journal_path(spec)
+        else:
+            self._journal_file = None if os.fspath(journal) == "off" else Path(journal).expanduser().absolute()
+        self._journal: Journal | None = None
+        self._cache: CacheLayer | None = None
+        self.cache_counts: dict[str, CacheCounts] = {}  # cache hits and misses by model, for metrics
+        self._resuming: set[str] = set()
         self._index_root = index_root or multilane_home() / "indexes"
         self._progress = progress
         runtime = spec.runtime
@@ -189,8 +216,9 @@ class Runtime:
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._pool.reap_forever)
         try:
+            await self._open_journal(self._task_group)
             for name, model in self.spec.models.items():  # pinned and preloaded models load at start
-                if model.preload or model.keep_alive_seconds is None:
+                if (model.preload or model.keep_alive_seconds is None) and not self.offline:
                     await self._pool.lane(name)
         except BaseException as exc:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
@@ -202,15 +230,37 @@ class Runtime:
         await self.close()
 
     async def close(self) -> None:
-        """Stop every engine; the runtime cannot run anything afterwards."""
+        """Stop every engine and write what the journal has queued; the runtime cannot run anything afterwards."""
         group, self._task_group = self._task_group, None
+        journal, self._journal = self._journal, None
         self._indexes.clear()
         try:
             await self._pool.close()
         finally:
+            if journal is not None:
+                await journal.close()
             if group is not None:
                 group.cancel_scope.cancel()
                 await group.__aexit__(None, None, None)
+
+    async def _open_journal(self, group: anyio.abc.TaskGroup) -> None:
+        """Open the journal (its writer runs in the runtime's task group) and the call cache over it."""
+        if self._journal_file is not None:
+            journal = Journal(self._journal_file, durable=self.spec.runtime.durable)
+            await journal.open()
+            group.start_soon(journal.write_forever)
+            self._journal = journal
+        self._cache = CacheLayer(identity=self._model_identity, wanted=lambda model: self.spec.model(model).cache,
+                                 counts=self.cache_counts, journal=self._journal)
+
+    async def _model_identity(self, name: str) -> str:
+        """What makes a model's output what it is (weights and engine settings), for cache keys."""
+        return canonical_json((await self._pool.plan(name)).key)
+
+    @property
+    def journal(self) -> Journal | None:
+        """The run journal, or None when it is off (or the runtime is not open)."""
+        return self._journal
 
     def _check_open(self) -> None:
         if self._task_group is None:
@@ -321,7 +371,81 @@ class Runtime:
         """Run a declared pipeline with inputs (a mapping, keywords, or both) and return its result."""
         self._check_open()
         declared = self.spec.pipeline(pipeline)
-        return await execute(pipeline, declared, {**(inputs or {}), **kwargs}, self)
+        bound = declared.check_inputs({**(inputs or {}), **kwargs}, pipeline=pipeline)
+        return await self._execute(pipeline, declared, bound, self._layers())
+
+    async def resume(self, run_id: str, *, force: bool = False) -> RunResult:
+        """Finish a journaled run that was interrupted (or failed): its finished stages, items, agent steps and
+        tool calls are read from the journal, not run again.
+
+        Refused (ResumeError) when the run finished, still runs in a live process, or was started with a
+        different version of the pipeline file; `force=True` resumes anyway, with the file as it is now.
+        """
+        self._check_open()
+        loaded = await self._load_run(run_id, "resume")
+        run = loaded.run
+        if run.status == "finished":
+            raise ResumeError(f"run '{run_id}' already finished; `multilane runs show {run_id}` shows its output, "
+                              f"and `multilane runs replay {run_id}` runs it again from its recording")
+        here = run.pid == os.getpid() and run.host == socket.gethostname()
+        if run_id in self._resuming or (run.status == "running" and (here or not force)):
+            raise ResumeError(f"run '{run_id}' is still running (process {run.pid} on {run.host}); resume it once "
+                              "that process is gone" + ("" if here else ", or force it if you know it is"))
+        if run.spec_hash != self.spec.digest and not force:
+            raise ResumeError(
+                f"run '{run_id}' was started with a different version of {run.spec_file or 'its pipeline file'} "
+                f"(sha256 {run.spec_hash[:12]}, now {self.spec.digest[:12]}); resume with force=True (--force) to "
+                "keep its finished steps and run the rest with the file as it is now")
+        declared = self.spec.pipeline(run.pipeline)
+        bound = declared.check_inputs(run.inputs, pipeline=run.pipeline)
+        log.info("resuming run", run_id=run_id, pipeline=run.pipeline, attempt=run.attempts + 1,
+                 finished_steps=sum(step.ok for step in loaded.steps.values()))
+        self._resuming.add(run_id)
+        try:
+            return await self._execute(run.pipeline, declared, bound,
+                                       [ResumeLayer(loaded.steps), *self._layers(attempt=run.attempts + 1)], run_id)
+        finally:
+            self._resuming.discard(run_id)
+
+    async def replay(self, run_id: str) -> RunResult:
+        """Run a journaled run again with its recorded model, retrieval and tool outputs, calling no model.
+
+        Templates, output parsing and agent loops run as the pipeline file says now, so a change can be tried
+        against a real past run; a call the recording does not have is a ReplayError. Nothing is journaled.
+        """
+        self._check_open()
+        loaded = await self._load_run(run_id, "replay")
+        run = loaded.run
+        if run.spec_hash != self.spec.digest:
+            log.warning("replaying with a changed pipeline file", run_id=run_id, file=run.spec_file)
+        declared = self.spec.pipeline(run.pipeline)
+        bound = declared.check_inputs(run.inputs, pipeline=run.pipeline)
+        return await self._execute(run.pipeline, declared, bound, [ReplayLayer(run_id, loaded.steps)], run_id)
+
+    async def _load_run(self, run_id: str, purpose: str) -> LoadedRun:
+        if self._journal is None:
+            raise JournalError(f"cannot {purpose} run '{run_id}': this runtime has no journal "
+                               f"({'runtime.journal is off' if self._journal_file is None else 'it is closed'})")
+        return await self._journal.load(run_id)
+
+    def _layers(self, *, attempt: int = 1) -> list[Layer]:
+        """The layers of a run's steps: the journal records them, the cache answers repeated model calls."""
+        layers: list[Layer] = []
+        if self._journal is not None:
+            layers.append(JournalLayer(self._journal, attempt=attempt))
+        if self._cache is not None:
+            layers.append(self._cache)
+        return layers
+
+    async def _execute(self, pipeline: str, declared: PipelineSpec, bound: dict[str, Any], layers: list[Layer],
+                       run_id: str | None = None, sink: Callable[[RunEvent], Awaitable[None]] | None = None,
+                       ) -> RunResult:
+        """Execute a run as the step `run`, under which every stage and call is a step through `layers`."""
+        scope = Scope(run_id or uuid.uuid4().hex[:12], layers=layers)
+        attrs = {"pipeline": pipeline, "inputs": bound, "stages": list(declared.stages), "spec_hash": self.spec.digest,
+                 "spec_file": str(self.spec.path.absolute()) if self.spec.path is not None else None}
+        return await scope.run("run", lambda: execute(pipeline, declared, bound, self, sink=sink, scope=scope),
+                               attrs=attrs, codec=_RUN_OUTPUT)
 
     def agent(self, name: str) -> Agent:
         """Return an agent defined under the project's agents/ folder (or an allowed module) by name."""
@@ -347,7 +471,8 @@ class Runtime:
         problems = check_agent(resolved, self.spec)  # an agent defined in a script was never checked
         if problems:
             raise UnknownNameError("; ".join(problems))
-        return await run_agent(resolved, task, self)
+        scope = Scope(uuid.uuid4().hex[:12], layers=[self._cache] if self._cache is not None else []).child("agent")
+        return await run_agent(resolved, task, self, scope=scope)
 
     @asynccontextmanager
     async def stream(self, pipeline: str, inputs: Mapping[str, Any] | None = None, /,
@@ -367,7 +492,7 @@ class Runtime:
         async def produce() -> None:
             async with send:
                 try:
-                    await execute(pipeline, declared, bound, self, sink=send.send)
+                    await self._execute(pipeline, declared, bound, self._layers(), sink=send.send)
                 except MultilaneError as exc:
                     failure.append(exc)
 

@@ -75,8 +75,10 @@ def real_spec() -> Spec:
 
 @pytest.fixture(scope="session")
 async def real_runtime(real_spec: Spec, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runtime]:
-    """One runtime for the session: loading vLLM costs ~20 s, so the tests share its lanes."""
-    async with Runtime(real_spec, index_root=tmp_path_factory.mktemp("indexes")) as rt:
+    """One runtime for the session: loading vLLM costs ~20 s, so the tests share its lanes. Its runs are
+    journaled in a temporary folder, not in the user's MULTILANE_HOME."""
+    async with Runtime(real_spec, index_root=tmp_path_factory.mktemp("indexes"),
+                       journal=tmp_path_factory.mktemp("journal") / "journal.db") as rt:
         yield rt
 
 

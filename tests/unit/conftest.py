@@ -38,6 +38,14 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(autouse=True)
+def _home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Every test gets its own MULTILANE_HOME, so runs are journaled under tmp_path, never in the user's cache."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MULTILANE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
     """The CLI and some tests configure structlog and logging globally; give every test the library's defaults back.
 

@@ -253,6 +253,44 @@ def test_bad_memory_budget_is_reported_at_its_line(written: str) -> None:
         assert "use bytes or a number with a unit like '512MB', '6GiB'" in caught.value.reason
 
 
+@pytest.mark.parametrize(("written", "setting"),
+                         [("off", "off"), ("false", "off"), ("runs/journal.db", "runs/journal.db"), ("null", None)])
+def test_journal_is_a_path_or_off(written: str, setting: str | None) -> None:
+    spec = parse_spec(f"models:\n  a: {{kind: generate, source: x}}\nruntime: {{journal: {written}}}\n")
+    assert spec.runtime.journal == setting
+    assert spec.runtime.durable is False
+
+
+def test_a_journal_that_is_not_a_path_is_reported_at_its_line() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec("models:\n  a: {kind: generate, source: x}\nruntime:\n  journal: 3\n", "f.yaml")
+    assert (caught.value.line, caught.value.field) == (4, "runtime.journal")
+    assert caught.value.reason == "expected a file path or 'off', got the number 3"
+
+
+def test_durable_without_a_journal_is_an_error_that_says_what_to_do() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec("models:\n  a: {kind: generate, source: x}\nruntime:\n  journal: off\n  durable: true\n",
+                   "f.yaml")
+    assert caught.value.line == 3
+    assert "durable: true needs a journal; remove journal: off or set durable: false" in str(caught.value)
+
+
+def test_cache_on_a_model_and_on_a_stage() -> None:
+    spec = parse_spec("models:\n  a: {kind: generate, source: x, cache: true}\npipelines:\n  p:\n    stages:\n"
+                      "      s: {kind: reason, model: a, prompt: hi, cache: false, seed: 7}\n")
+    stage = spec.pipeline("p").stages["s"]
+    assert spec.model("a").cache is True and (stage.cache, stage.seed) == (False, 7)  # type: ignore[union-attr]
+    with pytest.raises(SpecError) as caught:
+        parse_spec("models:\n  a: {kind: generate, source: x, cache: yes please}\n", "f.yaml")
+    assert (caught.value.line, caught.value.field) == (2, "models.a.cache")
+
+
+def test_the_digest_is_the_hash_of_the_file_text() -> None:
+    text = "models:\n  a: {kind: generate, source: x}\n"
+    assert parse_spec(text).digest == parse_spec(text).digest != parse_spec(text + "# a comment\n").digest
+
+
 def test_inputs_short_and_long_forms() -> None:
     spec = parse_spec(
         "models:\n  a: {kind: generate, source: x}\npipelines:\n  p:\n    inputs:\n"
@@ -308,7 +346,8 @@ def test_unknown_key_lists_the_allowed_keys(load: Loader) -> None:
     error = spec_error(load, edit("        max_tokens: 200\n", "        max_tokens: 200\n        promt: hi\n"))
     assert str(error) == (
         "rag.yaml:34 pipelines.ask.stages.answer.promt: unknown key 'promt' (allowed: kind, after, timeout, "
-        "for_each, on_error, max_concurrency, model, prompt, system, max_tokens, temperature, top_p, stop, truncate)"
+        "for_each, on_error, max_concurrency, model, prompt, system, max_tokens, temperature, top_p, stop, truncate, "
+        "seed, cache)"
     )
 
 

@@ -30,6 +30,7 @@ from multilane.spec import (
     ToolCallStage,
     describe_value,
 )
+from multilane.steps import Scope
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentStep
@@ -109,6 +110,7 @@ class StageContext:
     inputs: Mapping[str, Any]
     stages: Mapping[str, Any]
     resources: Resources
+    scope: Scope  # the stage's (or item's) place in the run: its steps are recorded and looked up under it
     sink: EventSink | None = None
     item: Any = NO_ITEM  # the list element, in a for_each stage
     item_index: int | None = None
@@ -138,31 +140,53 @@ def _messages(stage: GenerateStage, ctx: StageContext) -> list[Message]:
 
 def _options(stage: GenerateStage, schema: dict[str, Any] | None = None) -> SamplingOptions:
     return SamplingOptions(max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p,
-                           stop=tuple(stage.stop), json_schema=schema)
+                           stop=tuple(stage.stop), json_schema=schema, seed=stage.seed)
 
 
 async def _generate(stage: GenerateStage, ctx: StageContext, options: SamplingOptions) -> Completion:
-    """Generate a stage's completion; with a listener, stream it and pass each piece on as a token event."""
+    """Generate a stage's completion; with a listener, stream it and pass each piece on as a token event.
+
+    A completion answered from the journal or the cache reaches the listener as one piece.
+    """
     messages = _messages(stage, ctx)
-    if ctx.sink is None:
-        return await ctx.resources.generate(stage.model, messages, options, truncate=stage.truncate)
-    stream = ctx.resources.generate_stream(stage.model, messages, options, truncate=stage.truncate)
-    return await collect(stream, lambda text: ctx.emit("token", text=text))
+    streamed = False
+
+    async def call() -> Completion:
+        nonlocal streamed
+        if ctx.sink is None:
+            return await ctx.resources.generate(stage.model, messages, options, truncate=stage.truncate)
+        streamed = True
+        stream = ctx.resources.generate_stream(stage.model, messages, options, truncate=stage.truncate)
+        return await collect(stream, lambda text: ctx.emit("token", text=text))
+
+    done = await ctx.scope.generate(stage.model, messages, options, call, truncate=stage.truncate)
+    if ctx.sink is not None and not streamed and done.text:
+        await ctx.emit("token", text=done.text)
+    return done
 
 
 async def _run_embed(stage: EmbedStage, ctx: StageContext) -> dict[str, Any]:
     text = ctx.render(stage.text)
-    vector = (await ctx.resources.embed(stage.model, [text]))[0]
-    return {"vector": [float(x) for x in vector], "dimension": int(vector.shape[0]), "text": text}
+
+    async def embed() -> list[float]:
+        return [float(x) for x in (await ctx.resources.embed(stage.model, [text]))[0]]
+
+    vector = await ctx.scope.child("embed").run("embed", embed, attrs={"model": stage.model, "text": text},
+                                                leaf=True)
+    return {"vector": vector, "dimension": len(vector), "text": text}
 
 
 async def _run_retrieve(stage: RetrieveStage, ctx: StageContext) -> dict[str, Any]:
     query = ctx.render(stage.query)
-    index = await ctx.resources.index(stage.index)
-    hits = (await index.search([query], stage.top_k))[0]
-    passages: list[dict[str, Any]] = [
-        {"rank": rank, "source": hit.chunk.source, "score": round(float(hit.score), 4), "text": hit.chunk.text}
-        for rank, hit in enumerate(hits, start=1)]
+
+    async def search() -> list[dict[str, Any]]:
+        index = await ctx.resources.index(stage.index)
+        hits = (await index.search([query], stage.top_k))[0]
+        return [{"rank": rank, "source": hit.chunk.source, "score": round(float(hit.score), 4),
+                 "text": hit.chunk.text} for rank, hit in enumerate(hits, start=1)]
+
+    passages = await ctx.scope.child("search").run(
+        "search", search, attrs={"index": stage.index, "query": query, "top_k": stage.top_k}, leaf=True)
     text = "\n\n".join(f"[{p['rank']}] ({p['source']})\n{p['text'].strip()}" for p in passages)
     return {"query": query, "passages": passages, "text": text}
 
@@ -170,14 +194,16 @@ async def _run_retrieve(stage: RetrieveStage, ctx: StageContext) -> dict[str, An
 async def _run_reason(stage: ReasonStage, ctx: StageContext) -> dict[str, Any]:
     done = await _generate(stage, ctx, _options(stage))
     return {"text": done.text.strip(), "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
+            "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason,
+            "cached": bool(done.extra.get("cached"))}
 
 
 async def _run_tool_call(stage: ToolCallStage, ctx: StageContext) -> dict[str, Any]:
     done = await _generate(stage, ctx, _options(stage, stage.json_schema))
     value = parse_json_output(done.text, stage.json_schema, finish_reason=done.finish_reason)
     return {"json": value, "text": done.text, "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
+            "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason,
+            "cached": bool(done.extra.get("cached"))}
 
 
 async def _run_agent(stage: AgentStage, ctx: StageContext) -> dict[str, Any]:
@@ -189,7 +215,8 @@ async def _run_agent(stage: AgentStage, ctx: StageContext) -> dict[str, Any]:
     async def on_step(step: AgentStep) -> None:
         await ctx.emit("agent_step", agent=agent.name, step=step.to_dict())
 
-    result = await run_agent(agent, task, ctx.resources, on_step=on_step if ctx.sink is not None else None)
+    result = await run_agent(agent, task, ctx.resources, on_step=on_step if ctx.sink is not None else None,
+                             scope=ctx.scope.child("agent"))
     return result.to_dict()
 
 
@@ -211,9 +238,10 @@ async def run_for_each(stage: StageBase, ctx: StageContext, runner: StageRunner)
     limiter = anyio.CapacityLimiter(stage.max_concurrency)
 
     async def one(index: int, item: Any, scope: anyio.CancelScope) -> None:
+        item_ctx = dataclasses.replace(ctx, item=item, item_index=index, scope=ctx.scope.child(f"item:{index}"))
         async with limiter:
             try:
-                results[index] = await runner(stage, dataclasses.replace(ctx, item=item, item_index=index))
+                results[index] = await item_ctx.scope.run("item", lambda: runner(stage, item_ctx), attrs={"item": item})
             except Exception as exc:
                 if not isinstance(exc, MultilaneError):
                     log.exception("for_each item crashed", stage=ctx.stage, item=index)
@@ -268,12 +296,14 @@ RUNNERS: dict[str, StageRunner] = {
 
 
 async def execute(name: str, pipeline: PipelineSpec, inputs: Mapping[str, Any], resources: Resources, *,
-                  run_id: str | None = None, sink: EventSink | None = None) -> RunResult:
+                  run_id: str | None = None, sink: EventSink | None = None, scope: Scope | None = None) -> RunResult:
     """Run a pipeline: each stage starts once the stages it depends on finished; a failure cancels the rest.
 
     With a `sink`, every stage start and finish, and every generated piece of text, is sent to it as a RunEvent.
+    Each stage, item and call is a step under `scope` (the run's), whose layers may record or answer it.
     """
-    run_id = run_id or uuid.uuid4().hex[:12]
+    run_id = scope.run_id if scope is not None else run_id or uuid.uuid4().hex[:12]
+    scope = scope or Scope(run_id)
     bound = pipeline.check_inputs(inputs, pipeline=name)
     deps = pipeline.dependencies()
     done = {stage: anyio.Event() for stage in pipeline.stages}
@@ -290,14 +320,17 @@ async def execute(name: str, pipeline: PipelineSpec, inputs: Mapping[str, Any], 
         for dep in deps[stage_name]:
             await done[dep].wait()
         stage = pipeline.stages[stage_name]
-        ctx = StageContext(name, stage_name, run_id, bound, results, resources, sink)
+        stage_scope = scope.child(f"stage:{stage_name}", cache=getattr(stage, "cache", None))
+        ctx = StageContext(name, stage_name, run_id, bound, results, resources, stage_scope, sink)
         log.debug("stage started", stage=stage_name, kind=stage.kind)
         await emit("stage_started", stage_name, kind=stage.kind)
         t0 = time.perf_counter()
+        runner = RUNNERS[stage.kind]
         try:
             with anyio.fail_after(stage.timeout_seconds):
-                runner = RUNNERS[stage.kind]
-                result = await (runner(stage, ctx) if stage.for_each is None else run_for_each(stage, ctx, runner))
+                result = await stage_scope.run(
+                    "stage", lambda: runner(stage, ctx) if stage.for_each is None else run_for_each(stage, ctx, runner),
+                    attrs={"kind": stage.kind})
         except Exception as exc:
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"timed out after {stage.timeout_seconds:g}s (the stage's timeout)")

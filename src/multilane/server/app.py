@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from multilane import __version__
 from multilane.runtime import Runtime
-from multilane.server import ollama_api, openai_api, pipelines, responses_api
+from multilane.server import ollama_api, openai_api, pipelines, responses_api, runs
 from multilane.server.errors import error_response, install_error_handlers, log_refusal
 from multilane.server.metrics import ServerMetrics
 
@@ -166,6 +166,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
     app.include_router(responses_api.router)
     app.include_router(ollama_api.router)
     app.include_router(pipelines.router)
+    app.include_router(runs.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:

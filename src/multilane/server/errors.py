@@ -14,10 +14,13 @@ from multilane.errors import (
     ContextLengthError,
     EngineError,
     InputError,
+    JournalError,
     MemoryBudgetError,
     MultilaneError,
     OutputValidationError,
     QueueFullError,
+    ReplayError,
+    ResumeError,
     SpecError,
     TemplateError,
     UnknownNameError,
@@ -80,6 +83,12 @@ def api_error(exc: BaseException) -> ApiError:
         return ApiError(500, message, type="server_error", code="invalid_model_output")
     if isinstance(cause, EngineError):
         return ApiError(500, f"engine failure: {message}", type="server_error", code="engine_error")
+    if isinstance(cause, ResumeError):
+        return ApiError(409, message, type="conflict_error", code="resume_refused")
+    if isinstance(cause, ReplayError):
+        return ApiError(409, message, type="conflict_error", code="replay_mismatch")
+    if isinstance(cause, JournalError):
+        return ApiError(503, message, type="server_error", code="journal_unavailable")
     if isinstance(cause, TemplateError | SpecError):
         return ApiError(500, message, type="server_error", code="pipeline_error")
     if isinstance(cause, MultilaneError):

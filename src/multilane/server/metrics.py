@@ -50,6 +50,19 @@ class _PoolCollector(Collector):
                 family.add_metric([name], float(getattr(metrics, key)))
         yield from gauges.values()
         yield from counters.values()
+        hits = CounterMetricFamily("multilane_cache_hits", "Model calls answered from the call cache", labels=["model"])
+        misses = CounterMetricFamily("multilane_cache_misses", "Cacheable model calls the cache did not have",
+                                     labels=["model"])
+        for name in pool.metrics:
+            counts = self._runtime.cache_counts.get(name)
+            hits.add_metric([name], float(counts.hits if counts else 0))
+            misses.add_metric([name], float(counts.misses if counts else 0))
+        yield hits
+        yield misses
+        journal = self._runtime.journal
+        if journal is not None:
+            yield CounterMetricFamily("multilane_journal_write_failures", "Journal records that could not be written",
+                                      value=journal.failures)
         usage = pool.usage()
         yield GaugeMetricFamily("multilane_memory_used_bytes", "Bytes the loaded lanes cost", value=usage["used_bytes"])
         if usage["budget_bytes"] is not None:

@@ -88,6 +88,18 @@ def _check_documents(value: Any) -> Any:
 
 Duration = Annotated[str | int | float, BeforeValidator(_check_duration)]
 MemoryBudget = Annotated[str | int, BeforeValidator(_check_memory_budget)]
+
+
+def _check_journal(value: Any) -> Any:
+    if value is None or value is False or value == "off":  # YAML reads a bare `off` as false
+        return "off" if value is not None else None
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ValueError(  # pydantic turns only ValueError into a validation error
+        f"expected a file path or 'off', got {describe_value(value)}")
+
+
+JournalSetting = Annotated[str | None, BeforeValidator(_check_journal)]
 Documents = Annotated[str | list[str], BeforeValidator(_check_documents)]
 
 
@@ -112,6 +124,7 @@ class ModelSpec(_Model):
     batch_size: int = Field(default=64, ge=1)
     batch_wait: Duration = "2ms"  # embedding micro-batch: how long the first call waits for others
     engine: dict[str, Any] = Field(default_factory=dict)
+    cache: bool = False  # reuse the completion of an identical deterministic call (temperature 0 or a seed)
 
     @model_validator(mode="before")
     @classmethod
@@ -153,11 +166,19 @@ def _is_remote(engine: Any) -> bool:
 
 
 class RuntimeSpec(_Model):
-    """Runtime-wide limits: how many lanes may be loaded, the memory budget and the queue size."""
+    """Runtime-wide limits (lanes loaded, memory budget, queue size) and where runs are journaled."""
 
     max_loaded_models: int = Field(default=3, ge=1)
     memory_budget: MemoryBudget = "auto"
     max_queue: int = Field(default=512, ge=0)
+    journal: JournalSetting = None  # a SQLite file (relative to the pipeline file), "off", or None: the default
+    durable: bool = False  # a run fails when its journal cannot be written, instead of going on without it
+
+    @model_validator(mode="after")
+    def _durable_needs_a_journal(self) -> RuntimeSpec:
+        if self.durable and self.journal == "off":
+            raise ValueError("durable: true needs a journal; remove journal: off or set durable: false")
+        return self
 
     @property
     def memory_budget_bytes(self) -> int | None:
@@ -280,6 +301,8 @@ class GenerateStage(StageBase):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
     truncate: bool = False
+    seed: int | None = None  # fixes the sampling, so a call with temperature > 0 can be cached too
+    cache: bool | None = None  # None: the model's `cache` setting decides
 
     def templates(self) -> dict[str, str]:
         """The stage's template fields (YAML key -> source) that are set."""
@@ -310,6 +333,7 @@ class AgentStage(StageBase):
     kind: Literal["agent"]
     agent: str
     task: str
+    cache: bool | None = None  # cache the agent's model calls; None: each model's `cache` setting decides
 
     def templates(self) -> dict[str, str]:
         """The stage's template fields (YAML key -> source) that are set."""
@@ -427,6 +451,8 @@ class Spec:
     """Where each literal block scalar (`|`) starts, so an error inside a template can name its exact line."""
     agents: Mapping[str, Agent] = field(default_factory=dict, repr=False, compare=False)
     """The agents the file's pipelines can use, by name; `multilane.load_spec` loads them when the file uses any."""
+    digest: str = ""
+    """The SHA-256 of the file's text: a journaled run remembers it, so resuming on a changed file is refused."""
 
     @property
     def models(self) -> dict[str, ModelSpec]:

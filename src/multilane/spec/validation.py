@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ def read_spec(text: str, name: str, base_dir: Path, path: Path | None = None) ->
         problems = [_from_pydantic(error, document.data, document.lines, name) for error in exc.errors()]
         raise combine_problems(_dedupe(problems)) from None
     return Spec(file=spec_file, base_dir=base_dir, path=path, name=name, lines=document.lines,
-                literal_starts=document.literal_starts)
+                literal_starts=document.literal_starts, digest=hashlib.sha256(text.encode()).hexdigest())
 
 
 @dataclass(frozen=True)
