@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-import bm25s
 import numpy as np
 import Stemmer
 import structlog
@@ -84,12 +83,14 @@ class KeywordIndex:
 
     @classmethod
     def build(cls, chunks: Sequence[ChunkRecord], *, k1: float = 1.5, b: float = 0.75) -> KeywordIndex:
-        """Tokenize and index the chunks' texts; blocks."""
+        """Tokenize and index the chunks' texts (with their heading paths, when they have them); blocks."""
+        import bm25s  # imported when first needed: it takes most of a second
+
         tokenizer = Tokenizer()
         if not chunks:
             return cls(None, chunks, tokenizer=tokenizer)
         retriever = bm25s.BM25(k1=k1, b=b)
-        retriever.index([tokenizer.tokenize(chunk.text) for chunk in chunks], show_progress=False)
+        retriever.index([tokenizer.tokenize(chunk.indexed_text) for chunk in chunks], show_progress=False)
         return cls(retriever, chunks, tokenizer=tokenizer)
 
     @classmethod
@@ -104,6 +105,8 @@ class KeywordIndex:
                              f"not the {len(chunks)} chunks given")
         if not chunks:
             return cls(None, chunks)
+        import bm25s
+
         retriever = bm25s.BM25.load(str(folder), load_corpus=False, show_progress=False)
         return cls(retriever, chunks)
 
@@ -114,6 +117,8 @@ class KeywordIndex:
             raise FileExistsError(f"{target} already exists; a keyword index is written to a new folder")
         scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         scratch.mkdir(parents=True)
+        import bm25s
+
         try:
             if self._retriever is not None:
                 self._retriever.save(str(scratch), show_progress=False)
