@@ -288,7 +288,10 @@ class Runtime:
     # ---- indexes and pipelines
 
     async def index(self, name: str, *, rebuild: bool = False) -> OpenedIndex:
-        """Open a declared index: reuse its saved build when the documents are unchanged, else (re)build it."""
+        """Open a declared index: reuse its saved build when the documents are unchanged, else (re)build it.
+
+        An index of a `corpus` exports that corpus first (once; see `multilane.corpora`).
+        """
         self._check_open()
         declared = self.spec.index(name)
         opened = self._indexes.get(name)
@@ -298,14 +301,20 @@ class Runtime:
         async with lock:
             opened = self._indexes.get(name)
             if opened is None or rebuild:
+                patterns, base_dir = list(declared.document_globs), self.spec.base_dir
+                if declared.corpus is not None:
+                    from multilane.corpora import CORPUS_PATTERNS, corpus_folder
+
+                    patterns, base_dir = list(CORPUS_PATTERNS), await anyio.to_thread.run_sync(
+                        corpus_folder, declared.corpus)
                 async with self._pool.hold(declared.embedder) as lane:
                     embedder = _LaneEmbedder(self._pool, declared.embedder, lane.engine)  # type: ignore[arg-type]
                     progress = self._progress
                     opened = await open_index(
-                        name, patterns=list(declared.document_globs), base_dir=self.spec.base_dir,
+                        name, patterns=patterns, base_dir=base_dir,
                         embedder=embedder, chunk_tokens=declared.chunk_tokens,
                         chunk_overlap=declared.chunk_overlap, root=self._index_root / self._index_folder(name),
-                        rebuild=rebuild,
+                        rebuild=rebuild, headings=declared.chunk_headings,
                         progress=(lambda done, total: progress(name, done, total)) if progress else None)
                 self._indexes[name] = opened
                 log.info("index ready", index=name, status=opened.status, chunks=opened.chunks,

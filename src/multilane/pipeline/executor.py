@@ -19,6 +19,7 @@ from multilane.engines.base import Chunk, Completion, Message, SamplingOptions, 
 from multilane.errors import EngineError, ItemError, MultilaneError, OutputValidationError, StageError, TemplateError
 from multilane.pipeline.templates import NO_ITEM, evaluate, render
 from multilane.retrieval import OpenedIndex
+from multilane.retrieval.filters import DocumentFilter
 from multilane.spec import (
     AgentStage,
     EmbedStage,
@@ -159,7 +160,9 @@ async def _run_embed(stage: EmbedStage, ctx: StageContext) -> dict[str, Any]:
 async def _run_retrieve(stage: RetrieveStage, ctx: StageContext) -> dict[str, Any]:
     query = ctx.render(stage.query)
     index = await ctx.resources.index(stage.index)
-    hits = (await index.search([query], stage.top_k))[0]
+    where = None if stage.filter is None else DocumentFilter.from_mapping(stage.filter)
+    hits = (await index.search([query], stage.top_k, mode=stage.mode, weights=stage.fusion_weights, where=where,
+                               per_source=stage.per_source, candidates=stage.candidates))[0]
     passages: list[dict[str, Any]] = [
         {"rank": rank, "source": hit.chunk.source, "score": round(float(hit.score), 4), "text": hit.chunk.text}
         for rank, hit in enumerate(hits, start=1)]
