@@ -108,3 +108,7 @@ class CorpusError(MultilaneError):
 
 class DatasetError(MultilaneError):
     """An evaluation dataset is malformed; the message names the file, line and field."""
+
+
+class EvaluationError(MultilaneError):
+    """An evaluation cannot run as asked: a stage it names is missing or of the wrong kind, or every question failed."""

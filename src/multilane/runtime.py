@@ -20,6 +20,7 @@ import structlog
 from multilane.durations import parse_duration
 from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateEngine, Message, SamplingOptions
 from multilane.errors import EngineError, MultilaneError, UnknownNameError
+from multilane.evaluation.dataset import GoldSet
 from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
 from multilane.pipeline.executor import RunEvent, RunResult, execute
 from multilane.project import load_spec
@@ -29,6 +30,7 @@ from multilane.spec import ModelSpec, Spec
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentResult
+    from multilane.evaluation.runner import EvalResult
 
 log = structlog.get_logger(__name__)
 
@@ -331,6 +333,22 @@ class Runtime:
         self._check_open()
         declared = self.spec.pipeline(pipeline)
         return await execute(pipeline, declared, {**(inputs or {}), **kwargs}, self)
+
+    async def evaluate(self, pipeline: str, dataset: GoldSet | str | os.PathLike[str], *, concurrency: int = 8,
+                       retrieve_stage: str | None = None, answer_stage: str | None = None,
+                       question_input: str | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> EvalResult:
+        """Run a gold set's questions through a pipeline, `concurrency` at a time, and score retrieval and answers.
+
+        Which stage retrieves and which answers come from the arguments or the gold set's "eval" record; see
+        `multilane.evaluation.runner` for what each number means.
+        """
+        from multilane.evaluation.runner import evaluate
+
+        self._check_open()
+        source = dataset if isinstance(dataset, GoldSet) else Path(dataset)
+        return await evaluate(self, pipeline, source, concurrency=concurrency, retrieve_stage=retrieve_stage,
+                              answer_stage=answer_stage, question_input=question_input, progress=progress)
 
     def agent(self, name: str) -> Agent:
         """Return an agent defined under the project's agents/ folder (or an allowed module) by name."""
