@@ -310,9 +310,9 @@ def eval_(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
           dataset: Annotated[Path, typer.Option("--dataset", help="Gold set (JSONL), e.g. examples/eval/x.jsonl.")],
           concurrency: Annotated[int, typer.Option("--concurrency", min=1,
                                                    help="Questions in flight at once.")] = 8,
-          against: Annotated[str | None, typer.Option(
+          against: Annotated[list[str] | None, typer.Option(
               "--against", help="Measure this pipeline file too, side by side: OTHER.yaml (same pipeline name) "
-                                "or OTHER.yaml:PIPELINE.")] = None,
+                                "or OTHER.yaml:PIPELINE; repeatable.")] = None,
           retrieve_stage: Annotated[str | None, typer.Option(
               "--retrieve-stage", help="The retrieve stage whose passages are scored.")] = None,
           answer_stage: Annotated[str | None, typer.Option(
@@ -328,9 +328,7 @@ def eval_(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
     from multilane.evaluation.report import format_table, to_json, write_chart
     from multilane.project import load_spec
 
-    targets = [(file, pipeline)]
-    if against is not None:
-        targets.append(_against(against, pipeline))
+    targets = [(file, pipeline), *(_against(other, pipeline) for other in against or [])]
     try:
         gold = load_gold_set(dataset)
         specs = {path: load_spec(path) for path, _ in targets}
@@ -343,7 +341,9 @@ def eval_(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
     async def go() -> None:
         from multilane.runtime import Runtime
 
-        for path in dict.fromkeys(path for path, _ in targets):  # one runtime per file, its pipelines in turn
+        # One runtime per file, one pipeline after another: their latencies are measured alone, and a file's
+        # pipelines share its lanes and indexes.
+        for path in dict.fromkeys(path for path, _ in targets):
             async with Runtime(specs[path], progress=_progress) as rt:
                 for name in [n for p, n in targets if p == path]:
                     result = await rt.evaluate(

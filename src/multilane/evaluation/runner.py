@@ -20,7 +20,7 @@ from multilane.errors import EvaluationError, MultilaneError
 from multilane.evaluation.dataset import GoldQuestion, GoldSet, load_gold_set
 from multilane.evaluation.metrics import DEFAULT_KS, EvalReport, QuestionScore, aggregate, score_question
 from multilane.pipeline.executor import RunResult
-from multilane.spec import PipelineSpec, RetrieveStage, Spec
+from multilane.spec import EmbedStage, GenerateStage, PipelineSpec, RetrieveStage, Spec
 
 log = structlog.get_logger(__name__)
 
@@ -31,10 +31,14 @@ ANSWER_KINDS = ("reason", "agent")
 
 
 class Runner(Protocol):
-    """What an evaluation needs of a Runtime: its pipeline file and running a pipeline."""
+    """What an evaluation needs of a Runtime: its pipeline file, loading models and indexes, running a pipeline."""
 
     @property
     def spec(self) -> Spec: ...
+
+    async def load(self, model: str) -> Any: ...
+
+    async def index(self, name: str) -> Any: ...
 
     async def run(self, pipeline: str, inputs: Mapping[str, Any] | None = None, /, **kwargs: Any) -> RunResult: ...
 
@@ -116,13 +120,15 @@ async def evaluate(runtime: Runner, pipeline: str, dataset: GoldSet | str | Path
                    question_input: str | None = None, progress: EvalProgress | None = None) -> EvalResult:
     """Run every question of the gold set through the pipeline, at most `concurrency` at once, and score them.
 
-    Stages given here win over the ones the gold set declares; at least one of the two must be declared.
+    Stages given here win over the ones the gold set declares; at least one of the two must be declared. The
+    pipeline's models are loaded and its indexes opened before the first question, outside every latency.
     """
     if concurrency < 1:
         raise EvaluationError(f"concurrency must be at least 1, got {concurrency}")
     gold = dataset if isinstance(dataset, GoldSet) else await anyio.to_thread.run_sync(load_gold_set, dataset)
     declared = runtime.spec.pipeline(pipeline)
     plan = _plan(pipeline, declared, gold, retrieve_stage, answer_stage, question_input)
+    await _warm_up(runtime, declared)
     runs: list[QuestionRun | None] = [None] * len(gold)
     limiter = anyio.CapacityLimiter(concurrency)
     done = 0
@@ -157,6 +163,15 @@ async def evaluate(runtime: Runner, pipeline: str, dataset: GoldSet | str | Path
         dataset=str(gold.path), retrieve_stage=plan.retrieve_stage, answer_stage=plan.answer_stage,
         question_input=plan.question_input, retrieval=plan.retrieval, ks=plan.ks, concurrency=concurrency,
         seconds=seconds, report=aggregate(scores), runs=tuple(finished))
+
+
+async def _warm_up(runtime: Runner, declared: PipelineSpec) -> None:
+    """Load the pipeline's models and open its indexes first, so no question's latency includes loading them."""
+    for stage in declared.stages.values():
+        if isinstance(stage, RetrieveStage):
+            await runtime.index(stage.index)
+        elif isinstance(stage, GenerateStage | EmbedStage):
+            await runtime.load(stage.model)
 
 
 def _plan(pipeline: str, declared: PipelineSpec, gold: GoldSet, retrieve_stage: str | None,
