@@ -314,9 +314,9 @@ def eval_(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
               "--against", help="Measure this pipeline file too, side by side: OTHER.yaml (same pipeline name) "
                                 "or OTHER.yaml:PIPELINE; repeatable.")] = None,
           retrieve_stage: Annotated[str | None, typer.Option(
-              "--retrieve-stage", help="The retrieve stage whose passages are scored.")] = None,
+              "--retrieve-stage", help="The retrieve stage whose passages are scored ('none': skip).")] = None,
           answer_stage: Annotated[str | None, typer.Option(
-              "--answer-stage", help="The reason or agent stage whose text is the answer.")] = None,
+              "--answer-stage", help="The reason or agent stage whose text is the answer ('none': skip).")] = None,
           question_input: Annotated[str | None, typer.Option(
               "--question-input", help="The input that takes the question (default: the only one).")] = None,
           json_out: Annotated[Path | None, typer.Option("--json", help="Write every result as JSON here.")] = None,

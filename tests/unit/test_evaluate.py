@@ -114,6 +114,9 @@ async def test_stages_must_be_declared_never_guessed(setup: tuple[Any, Path]) ->
             await rt.evaluate("ask", gold, answer_stage="reply")
         with pytest.raises(EvaluationError, match="has inputs question, style; say which one takes the question"):
             await rt.evaluate("only_answer", gold, answer_stage="answer")
+        retrieval_only = await rt.evaluate("ask", gold, retrieve_stage="passages", answer_stage="none")
+    assert retrieval_only.answer_stage is None and retrieval_only.report.overall.contains is None
+    assert all(run.prediction is None for run in retrieval_only.runs)
 
 
 @pytest.mark.anyio

@@ -81,7 +81,8 @@ def write_chart(results: Sequence[EvalResult], path: Path) -> None:
     ks = sorted({k for r in results for k in r.ks})
     keys = [f"recall@{k}" for k in ks] + list(_CHART)
     labels = [f"recall@{k}" for k in ks] + [_CHART_LABELS[key] for key in _CHART]
-    figure = Figure(figsize=(max(8.0, 1.1 * len(keys) * max(1, len(results))), 4.8), layout="constrained")
+    figure = Figure(figsize=(min(16.0, max(8.0, 0.6 * len(keys) * max(1, len(results)) + 2)), 4.8),
+                    layout="constrained")
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(results))
     for position, result in enumerate(results):

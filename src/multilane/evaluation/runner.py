@@ -28,6 +28,7 @@ EvalProgress = Callable[[int, int], None]
 """Called with (questions done, questions in all) as an evaluation goes."""
 
 ANSWER_KINDS = ("reason", "agent")
+NOT_MEASURED = "none"  # as a stage name: do not measure that half (say, retrieval only)
 
 
 class Runner(Protocol):
@@ -120,7 +121,8 @@ async def evaluate(runtime: Runner, pipeline: str, dataset: GoldSet | str | Path
                    question_input: str | None = None, progress: EvalProgress | None = None) -> EvalResult:
     """Run every question of the gold set through the pipeline, at most `concurrency` at once, and score them.
 
-    Stages given here win over the ones the gold set declares; at least one of the two must be declared. The
+    Stages given here win over the ones the gold set declares ("none" leaves that half unmeasured); at least one
+    of the two must be declared. The
     pipeline's models are loaded and its indexes opened before the first question, outside every latency.
     """
     if concurrency < 1:
@@ -177,9 +179,11 @@ async def _warm_up(runtime: Runner, declared: PipelineSpec) -> None:
 def _plan(pipeline: str, declared: PipelineSpec, gold: GoldSet, retrieve_stage: str | None,
           answer_stage: str | None, question_input: str | None) -> _Plan:
     """Which stages to read and which input takes the question, as declared; never guessed."""
-    retrieve_name = retrieve_stage or gold.settings.retrieve_stage
-    answer_name = answer_stage or gold.settings.answer_stage
+    retrieve_name = _declared(retrieve_stage, gold.settings.retrieve_stage)
+    answer_name = _declared(answer_stage, gold.settings.answer_stage)
     stages = declared.stages
+    if retrieve_stage == NOT_MEASURED and answer_stage == NOT_MEASURED:
+        raise EvaluationError("with neither a retrieve stage nor an answer stage there is nothing to measure")
     if retrieve_name is None and answer_name is None:
         retrievers = ", ".join(n for n, s in stages.items() if s.kind == "retrieve") or "none"
         answerers = ", ".join(n for n, s in stages.items() if s.kind in ANSWER_KINDS) or "none"
@@ -215,6 +219,12 @@ def _plan(pipeline: str, declared: PipelineSpec, gold: GoldSet, retrieve_stage: 
         raise EvaluationError(f"pipeline '{pipeline}' also needs input(s) {', '.join(others)}; an evaluation "
                               "gives only the question, so give them defaults")
     return _Plan(retrieve_name, answer_name, name, retrieval, ks)
+
+
+def _declared(given: str | None, in_dataset: str | None) -> str | None:
+    """The stage named here, else the gold set's; "none" says that half is not measured."""
+    name = given if given is not None else in_dataset
+    return None if name == NOT_MEASURED else name
 
 
 def _stage(pipeline: str, declared: PipelineSpec, name: str, kinds: Sequence[str], what: str) -> Any:
