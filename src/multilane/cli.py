@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -429,6 +430,81 @@ def runs_replay(run_id: RunId, journal: JournalOption = None, file: FileOption =
         _echo_result(result, as_json)
 
     _run_async(go)
+
+
+@app.command("eval")
+def eval_(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
+          pipeline: Annotated[str, typer.Argument(help="Pipeline to measure.")],
+          dataset: Annotated[Path, typer.Option("--dataset", help="Gold set (JSONL), e.g. examples/eval/x.jsonl.")],
+          concurrency: Annotated[int, typer.Option("--concurrency", min=1,
+                                                   help="Questions in flight at once.")] = 8,
+          against: Annotated[list[str] | None, typer.Option(
+              "--against", help="Measure this pipeline file too, side by side: OTHER.yaml (same pipeline name) "
+                                "or OTHER.yaml:PIPELINE; repeatable.")] = None,
+          retrieve_stage: Annotated[str | None, typer.Option(
+              "--retrieve-stage", help="The retrieve stage whose passages are scored ('none': skip).")] = None,
+          answer_stage: Annotated[str | None, typer.Option(
+              "--answer-stage", help="The reason or agent stage whose text is the answer ('none': skip).")] = None,
+          question_input: Annotated[str | None, typer.Option(
+              "--question-input", help="The input that takes the question (default: the only one).")] = None,
+          json_out: Annotated[Path | None, typer.Option("--json", help="Write every result as JSON here.")] = None,
+          png_out: Annotated[Path | None, typer.Option("--png", help="Write a bar chart of the metrics here.")] = None,
+          verbose: Verbose = 0) -> None:
+    """Measure retrieval (recall@k, MRR) and answers (exact match, F1, contains, refusals) on a gold set."""
+    configure_logging(verbose)
+    from multilane.evaluation import load_gold_set
+    from multilane.evaluation.report import format_table, to_json, write_chart
+    from multilane.project import load_spec
+
+    targets = [(file, pipeline), *(_against(other, pipeline) for other in against or [])]
+    try:
+        gold = load_gold_set(dataset)
+        specs = {path: load_spec(path) for path, _ in targets}
+        for path, name in targets:
+            specs[path].pipeline(name)
+    except MultilaneError as exc:
+        _fail(str(exc))
+    results: list[Any] = []
+
+    async def go() -> None:
+        from multilane.runtime import Runtime
+
+        # One runtime per file, one pipeline after another: their latencies are measured alone, and a file's
+        # pipelines share its lanes and indexes.
+        for path in dict.fromkeys(path for path, _ in targets):
+            async with Runtime(specs[path], progress=_progress) as rt:
+                for name in [n for p, n in targets if p == path]:
+                    result = await rt.evaluate(
+                        name, gold, concurrency=concurrency, retrieve_stage=retrieve_stage,
+                        answer_stage=answer_stage, question_input=question_input,
+                        progress=functools.partial(_eval_progress, f"{path.name}:{name}"))
+                    results.append(result)
+
+    _run_async(go)
+    typer.echo(format_table(results))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(to_json(results), indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"\nresults: {json_out}")
+    if png_out is not None:
+        write_chart(results, png_out)
+        typer.echo(f"chart: {png_out}")
+
+
+def _against(value: str, pipeline: str) -> tuple[Path, str]:
+    """OTHER.yaml (the same pipeline) or OTHER.yaml:PIPELINE."""
+    path, sep, name = value.rpartition(":")
+    if sep and path and not Path(value).exists():
+        return Path(path), name
+    return Path(value), pipeline
+
+
+def _eval_progress(label: str, done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r{label}: {done}/{total} questions" + ("\n" if done >= total else ""))
+    elif done >= total:
+        sys.stderr.write(f"{label}: {total} questions\n")
+    sys.stderr.flush()
 
 
 def _run_async(fn: Any) -> None:

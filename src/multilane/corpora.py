@@ -22,6 +22,9 @@ from multilane.sources import multilane_home
 log = structlog.get_logger(__name__)
 
 PYTHON_REFERENCE = "python-reference"
+CORPUS_NAMES: tuple[str, ...] = (PYTHON_REFERENCE,)
+"""The corpora an index can name with `corpus:` instead of `documents:`."""
+CORPUS_PATTERNS: tuple[str, ...] = ("**/*.md",)
 FORMAT_VERSION = 1  # bump when the rendering of a topic changes, so old exports are replaced
 STALE_SCRATCH_SECONDS = 3600  # a scratch folder older than this was left by a crashed export
 
@@ -90,6 +93,13 @@ def export_python_reference(home: Path | None = None) -> Path:
     log.info("corpus.exported", corpus=PYTHON_REFERENCE, path=str(link), topics=len(topics),
              python=sys.version.split()[0])
     return link
+
+
+def corpus_folder(name: str, home: Path | None = None) -> Path:
+    """Export a named corpus (once) and return its folder, whose `*.md` files are its documents."""
+    if name == PYTHON_REFERENCE:
+        return export_python_reference(home)
+    raise CorpusError(f"unknown corpus '{name}' (corpora: {', '.join(CORPUS_NAMES)})")
 
 
 def _digest(topics: dict[str, str]) -> str:

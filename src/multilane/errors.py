@@ -124,3 +124,7 @@ class ResumeError(JournalError):
 
 class ReplayError(JournalError):
     """A replay needs a model or tool output that its recording does not have (the pipeline changed since)."""
+
+
+class EvaluationError(MultilaneError):
+    """An evaluation cannot run as asked: a stage it names is missing or of the wrong kind, or every question failed."""

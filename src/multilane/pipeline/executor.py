@@ -19,6 +19,7 @@ from multilane.engines.base import Chunk, Completion, Message, SamplingOptions, 
 from multilane.errors import EngineError, ItemError, MultilaneError, OutputValidationError, StageError, TemplateError
 from multilane.pipeline.templates import NO_ITEM, evaluate, render
 from multilane.retrieval import OpenedIndex
+from multilane.retrieval.filters import DocumentFilter
 from multilane.spec import (
     AgentStage,
     EmbedStage,
@@ -178,15 +179,19 @@ async def _run_embed(stage: EmbedStage, ctx: StageContext) -> dict[str, Any]:
 
 async def _run_retrieve(stage: RetrieveStage, ctx: StageContext) -> dict[str, Any]:
     query = ctx.render(stage.query)
+    where = None if stage.filter is None else DocumentFilter.from_mapping(stage.filter)
 
     async def search() -> list[dict[str, Any]]:
         index = await ctx.resources.index(stage.index)
-        hits = (await index.search([query], stage.top_k))[0]
+        hits = (await index.search([query], stage.top_k, mode=stage.mode, weights=stage.fusion_weights,
+                                   where=where, per_source=stage.per_source, candidates=stage.candidates))[0]
         return [{"rank": rank, "source": hit.chunk.source, "score": round(float(hit.score), 4),
                  "text": hit.chunk.text} for rank, hit in enumerate(hits, start=1)]
 
-    passages = await ctx.scope.child("search").run(
-        "search", search, attrs={"index": stage.index, "query": query, "top_k": stage.top_k}, leaf=True)
+    attrs = {"index": stage.index, "query": query, "top_k": stage.top_k, "mode": stage.mode,
+             "weights": stage.fusion_weights, "filter": stage.filter, "per_source": stage.per_source,
+             "candidates": stage.candidates}
+    passages = await ctx.scope.child("search").run("search", search, attrs=attrs, leaf=True)
     text = "\n\n".join(f"[{p['rank']}] ({p['source']})\n{p['text'].strip()}" for p in passages)
     return {"query": query, "passages": passages, "text": text}
 

@@ -11,6 +11,7 @@ common words.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-import bm25s
 import numpy as np
 import Stemmer
 import structlog
@@ -84,12 +84,13 @@ class KeywordIndex:
 
     @classmethod
     def build(cls, chunks: Sequence[ChunkRecord], *, k1: float = 1.5, b: float = 0.75) -> KeywordIndex:
-        """Tokenize and index the chunks' texts; blocks."""
+        """Tokenize and index the chunks' texts (with their heading paths, when they have them); blocks."""
+        bm25s = _bm25s()
         tokenizer = Tokenizer()
         if not chunks:
             return cls(None, chunks, tokenizer=tokenizer)
         retriever = bm25s.BM25(k1=k1, b=b)
-        retriever.index([tokenizer.tokenize(chunk.text) for chunk in chunks], show_progress=False)
+        retriever.index([tokenizer.tokenize(chunk.indexed_text) for chunk in chunks], show_progress=False)
         return cls(retriever, chunks, tokenizer=tokenizer)
 
     @classmethod
@@ -104,7 +105,7 @@ class KeywordIndex:
                              f"not the {len(chunks)} chunks given")
         if not chunks:
             return cls(None, chunks)
-        retriever = bm25s.BM25.load(str(folder), load_corpus=False, show_progress=False)
+        retriever = _bm25s().BM25.load(str(folder), load_corpus=False, show_progress=False)
         return cls(retriever, chunks)
 
     def save(self, folder: Path) -> None:
@@ -114,6 +115,7 @@ class KeywordIndex:
             raise FileExistsError(f"{target} already exists; a keyword index is written to a new folder")
         scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         scratch.mkdir(parents=True)
+        bm25s = _bm25s()
         try:
             if self._retriever is not None:
                 self._retriever.save(str(scratch), show_progress=False)
@@ -173,6 +175,16 @@ class KeywordIndex:
             matched = matched[scores[matched] >= cutoff]
         order = matched[np.lexsort((matched, -scores[matched]))][:top_k]
         return [Hit(self.chunks[int(row)], float(scores[row])) for row in order]
+
+
+def _bm25s() -> Any:
+    """The bm25s module, imported when first needed (it takes most of a second to import)."""
+    import bm25s
+
+    # bm25s sets its own logger to DEBUG, which would print its progress through any handler the application
+    # installed; let the application's levels decide, as for any other library.
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
+    return bm25s
 
 
 def _fsync(path: Path, *, directory: bool = False) -> None:

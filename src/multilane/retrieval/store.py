@@ -13,11 +13,12 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+import anyio
 import anyio.to_thread
 import filelock
 import numpy as np
@@ -26,6 +27,9 @@ import structlog
 from multilane.batching import MicroBatcher
 from multilane.engines.base import EmbeddingEngine
 from multilane.errors import IndexBuildError, InputError, MultilaneError
+from multilane.retrieval import keyword
+from multilane.retrieval.filters import DocumentFilter
+from multilane.retrieval.fusion import fuse
 from multilane.retrieval.index import Hit, VectorIndex
 from multilane.retrieval.ingest import (
     ChunkRecord,
@@ -34,6 +38,7 @@ from multilane.retrieval.ingest import (
     chunk_document,
     collect_documents,
 )
+from multilane.retrieval.keyword import KeywordIndex
 
 log = structlog.get_logger(__name__)
 
@@ -43,15 +48,26 @@ STALE_PARTIAL_SECONDS = 3600  # a build folder without a manifest older than thi
 LOCK_FILE = ".build.lock"
 LOCK_POLL_SECONDS = 0.1  # how often a process waiting for another's build tries the lock
 
+KEYWORD_FOLDER = "keyword"
+DEFAULT_CANDIDATES = 50  # how deep each ranking goes before hybrid fusion
+
 Status = Literal["built", "rebuilt", "reused"]
+KeywordStatus = Literal["not loaded", "built", "loaded", "rebuilt in memory"]
+SearchMode = Literal["dense", "keyword", "hybrid"]
+SEARCH_MODES: tuple[str, ...] = get_args(SearchMode)
 Progress = Callable[[int, int], None]
 
 
 class OpenedIndex:
-    """A loaded index with the embedder that built it; search it with text or with vectors."""
+    """A loaded index with the embedder that built it; search it with text or with vectors.
+
+    Its keyword (BM25) index over the same chunks is loaded on the first keyword or hybrid search.
+    """
 
     def __init__(self, *, name: str, status: Status, fingerprint: str, documents: int,
-                 path: Path, index: VectorIndex, embedder: EmbeddingEngine) -> None:
+                 path: Path, index: VectorIndex, embedder: EmbeddingEngine,
+                 metadata: Mapping[str, Mapping[str, Any]] | None = None,
+                 keyword_index: KeywordIndex | None = None) -> None:
         self.name = name
         self.status: Status = status
         self.fingerprint = fingerprint
@@ -59,9 +75,19 @@ class OpenedIndex:
         self.path = path
         self.index = index
         self.embedder = embedder
-        # Concurrent searches on this index coalesce into one multi-query FAISS search.
+        self.metadata: Mapping[str, Mapping[str, Any]] = metadata or {}
+        """Each document's front matter, by its path (a chunk's `source`)."""
+        self._keyword = keyword_index
+        self.keyword_status: KeywordStatus = "built" if keyword_index is not None else "not loaded"
+        self._keyword_lock = anyio.Lock()
+        self._masks: dict[DocumentFilter, np.ndarray] = {}
+        # Concurrent searches on this index coalesce into one multi-query FAISS search, and keyword searches
+        # into one call of the keyword index.
         self.batcher: MicroBatcher[tuple[np.ndarray, int], list[Hit]] = MicroBatcher(
             self._search_batch, max_batch_size=256, max_wait=0.002, name=f"search:{name}", validate=_check_query)
+        self.keyword_batcher: MicroBatcher[tuple[str, int], list[Hit]] = MicroBatcher(
+            self._keyword_batch, max_batch_size=256, max_wait=0.002, name=f"keyword:{name}",
+            validate=_check_query)
 
     @property
     def chunks(self) -> int:
@@ -73,14 +99,105 @@ class OpenedIndex:
         """Where searches run: "cuda" or "cpu"."""
         return self.index.device
 
-    async def search(self, queries: Sequence[str], top_k: int) -> list[list[Hit]]:
-        """Embed queries in one call and return each query's top_k hits, best first."""
+    async def search(self, queries: Sequence[str], top_k: int, *, mode: SearchMode = "dense",
+                     weights: tuple[float, float] = (1.0, 1.0), where: DocumentFilter | None = None,
+                     per_source: int | None = None, candidates: int = DEFAULT_CANDIDATES) -> list[list[Hit]]:
+        """Return each query's top_k hits, best first.
+
+        `mode`: "dense" ranks by cosine similarity of embeddings (the score), "keyword" by BM25 (the score),
+        "hybrid" fuses the two rankings, each `candidates` deep, by weighted reciprocal rank (`weights` are
+        dense's and keyword's; the score is the fused one). `where` keeps only the documents it matches and
+        `per_source` caps the hits from one document; both apply before the cut to top_k.
+        """
         if isinstance(queries, str):
             raise TypeError("search takes a sequence of query strings, not one string")
+        if mode not in SEARCH_MODES:
+            raise InputError(f"unknown search mode {mode!r} (modes: {', '.join(SEARCH_MODES)})")
+        if top_k < 1:
+            raise InputError(f"top_k must be at least 1, got {top_k}")
+        if per_source is not None and per_source < 1:
+            raise InputError(f"per_source must be at least 1, got {per_source}")
+        if candidates < 1:
+            raise InputError(f"candidates must be at least 1, got {candidates}")
         if not queries:
             return []
-        vectors = await self.embedder.embed(list(queries))
-        return await self.batcher.submit_many([(vector, top_k) for vector in vectors])
+        allowed = None if where is None else self._allowed(where)
+        if allowed is None and per_source is None and mode != "hybrid":  # the plain case: exactly top_k deep
+            if mode == "dense":
+                vectors = await self.embedder.embed(list(queries))
+                return await self.batcher.submit_many([(vector, top_k) for vector in vectors])
+            await self.keyword_index()
+            return await self.keyword_batcher.submit_many([(query, top_k) for query in queries])
+        return await self._search_refined(list(queries), top_k, mode, weights, allowed, per_source,
+                                          max(top_k, candidates) if mode == "hybrid" else top_k)
+
+    async def _search_refined(self, queries: list[str], top_k: int, mode: SearchMode, weights: tuple[float, float],
+                              allowed: np.ndarray | None, per_source: int | None, depth: int) -> list[list[Hit]]:
+        """Search ever deeper until filtering and the per-document cap leave top_k hits, or nothing is left."""
+        vectors = await self.embedder.embed(queries) if mode != "keyword" else None
+        if mode != "dense":
+            await self.keyword_index()
+        total = self.chunks
+        while True:
+            dense, sparse = await self._rankings(queries, vectors, mode, depth)
+            results = []
+            for i in range(len(queries)):
+                rankings = [_keep(found[i], allowed) for found in (dense, sparse) if found is not None]
+                ranked = _fused(rankings, weights) if mode == "hybrid" else rankings[0]
+                results.append(_cap(ranked, per_source, top_k))
+            if depth >= total or all(len(found) >= top_k for found in results):
+                return results
+            depth = min(total, depth * 4)
+
+    async def _rankings(self, queries: list[str], vectors: np.ndarray | None, mode: SearchMode,
+                        depth: int) -> tuple[list[list[Hit]] | None, list[list[Hit]] | None]:
+        """The dense and keyword rankings a mode needs, `depth` deep, searched at the same time."""
+        found: dict[str, list[list[Hit]]] = {}
+
+        async def dense() -> None:
+            assert vectors is not None
+            found["dense"] = await self.batcher.submit_many([(vector, depth) for vector in vectors])
+
+        async def sparse() -> None:
+            found["keyword"] = await self.keyword_batcher.submit_many([(query, depth) for query in queries])
+
+        async with anyio.create_task_group() as tg:
+            if mode != "keyword":
+                tg.start_soon(dense)
+            if mode != "dense":
+                tg.start_soon(sparse)
+        return found.get("dense"), found.get("keyword")
+
+    async def keyword_index(self) -> KeywordIndex:
+        """The keyword index: loaded from the build folder once, or rebuilt in memory when that copy is unusable."""
+        if self._keyword is not None:
+            return self._keyword
+        async with self._keyword_lock:
+            if self._keyword is None:
+                loaded, status = await anyio.to_thread.run_sync(
+                    _load_keyword, self.name, self.path / KEYWORD_FOLDER, self.index.chunks)
+                self._keyword, self.keyword_status = loaded, status
+        return self._keyword
+
+    async def _keyword_batch(self, items: list[tuple[str, int]]) -> list[list[Hit]]:
+        """One keyword-index call for a batch of (query, top_k) searches, each cut to its own top_k."""
+        index = await self.keyword_index()
+        deepest = max(top_k for _, top_k in items)
+        hits = await index.asearch([query for query, _ in items], deepest)
+        return [found[:top_k] for found, (_, top_k) in zip(hits, items, strict=True)]
+
+    def _allowed(self, where: DocumentFilter) -> np.ndarray:
+        """Which chunks the filter keeps, as a boolean mask over chunk ids (worked out once per filter)."""
+        mask = self._masks.get(where)
+        if mask is None:
+            verdicts: dict[str, bool] = {}
+            for chunk in self.index.chunks:
+                if chunk.source not in verdicts:
+                    verdicts[chunk.source] = where.matches(chunk.source, self.metadata.get(chunk.source, {}))
+            mask = np.fromiter((verdicts[chunk.source] for chunk in self.index.chunks), dtype=bool,
+                               count=self.chunks)
+            self._masks[where] = mask
+        return mask
 
     async def _search_batch(self, items: list[tuple[np.ndarray, int]]) -> list[list[Hit]]:
         """One FAISS search for a batch of (vector, top_k) queries, each cut to its own top_k."""
@@ -97,20 +214,63 @@ class OpenedIndex:
                 f"documents={self.documents}, chunks={self.chunks}, device={self.device!r})")
 
 
-def _check_query(item: tuple[np.ndarray, int]) -> None:
+def _check_query(item: tuple[Any, int]) -> None:
     if item[1] < 1:
         raise InputError(f"top_k must be at least 1, got {item[1]}")
 
 
+def _keep(hits: list[Hit], allowed: np.ndarray | None) -> list[Hit]:
+    return hits if allowed is None else [hit for hit in hits if allowed[hit.chunk.id]]
+
+
+def _fused(rankings: Sequence[list[Hit]], weights: tuple[float, float]) -> list[Hit]:
+    """Dense and keyword hits fused by weighted reciprocal rank; the score is the fused score."""
+    chunks = {hit.chunk.id: hit.chunk for ranking in rankings for hit in ranking}
+    fused = fuse([[hit.chunk.id for hit in ranking] for ranking in rankings], weights)
+    return [Hit(chunks[item.key], item.score) for item in fused]
+
+
+def _cap(hits: list[Hit], per_source: int | None, top_k: int) -> list[Hit]:
+    """The first top_k hits, at most per_source of them from one document."""
+    if per_source is None:
+        return hits[:top_k]
+    kept: list[Hit] = []
+    seen: dict[str, int] = {}
+    for hit in hits:
+        if seen.get(hit.chunk.source, 0) < per_source:
+            seen[hit.chunk.source] = seen.get(hit.chunk.source, 0) + 1
+            kept.append(hit)
+            if len(kept) == top_k:
+                break
+    return kept
+
+
+def _load_keyword(name: str, folder: Path, chunks: Sequence[ChunkRecord]) -> tuple[KeywordIndex, KeywordStatus]:
+    """Load a build's keyword index; when it is missing or was made by other rules, rebuild it in memory only,
+    since a committed build folder is never written again."""
+    try:
+        index = KeywordIndex.load(folder, chunks)
+        log.info("index.keyword_loaded", index=name, path=str(folder), chunks=index.ntotal)
+        return index, "loaded"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("index.keyword_rebuilt_in_memory", index=name, path=str(folder),
+                    reason=f"{type(exc).__name__}: {exc}")
+        return KeywordIndex.build(chunks), "rebuilt in memory"
+
+
 def fingerprint(embedder: EmbeddingEngine, chunk_tokens: int, chunk_overlap: int,
-                documents: Sequence[Document]) -> str:
-    """Hash everything a build depends on: embedder, chunking, format and document contents."""
+                documents: Sequence[Document], *, headings: bool = False) -> str:
+    """Hash everything the embeddings depend on: embedder, chunking, format and document contents.
+
+    The keyword index's rules are not in it: a build whose keyword index is outdated keeps its embeddings.
+    """
     payload = {
         "format": FORMAT_VERSION,
         "embedder": embedder.identity,
         "dimension": embedder.dimension,
         "chunk_tokens": chunk_tokens,
         "chunk_overlap": chunk_overlap,
+        "headings": headings,
         "documents": sorted((doc.path, doc.sha256) for doc in documents),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -127,8 +287,12 @@ async def open_index(
     root: Path,
     rebuild: bool = False,
     progress: Progress | None = None,
+    headings: bool = False,
 ) -> OpenedIndex:
-    """Load index `name` from root when its documents and settings are unchanged, else build it."""
+    """Load index `name` from root when its documents and settings are unchanged, else build it.
+
+    With `headings`, each chunk is embedded and keyword-indexed under its markdown heading path.
+    """
     _check_name(name)
     check_chunk_params(chunk_tokens, chunk_overlap)
     if chunk_tokens > embedder.max_tokens:
@@ -138,7 +302,8 @@ async def open_index(
         )
     pattern_list = [patterns] if isinstance(patterns, str) else list(patterns)
     documents = await anyio.to_thread.run_sync(collect_documents, pattern_list, Path(base_dir))
-    fp = fingerprint(embedder, chunk_tokens, chunk_overlap, documents)
+    fp = fingerprint(embedder, chunk_tokens, chunk_overlap, documents, headings=headings)
+    metadata = {doc.path: doc.meta for doc in documents}
     index_dir = Path(root) / name
     current = await anyio.to_thread.run_sync(_read_current, index_dir)
     if current is not None and not rebuild:
@@ -149,7 +314,7 @@ async def open_index(
             log.info("index.reused", index=name, path=str(index_dir / current),
                      documents=len(documents), chunks=loaded.ntotal, device=loaded.device)
             return OpenedIndex(name=name, status="reused", fingerprint=fp, documents=len(documents),
-                               path=index_dir / current, index=loaded, embedder=embedder)
+                               path=index_dir / current, index=loaded, embedder=embedder, metadata=metadata)
     async with build_lock(index_dir, name):
         latest = await anyio.to_thread.run_sync(_read_current, index_dir)
         if latest is not None and latest != current:  # another process built it while we waited
@@ -158,13 +323,13 @@ async def open_index(
                 log.info("index.reused", index=name, path=str(index_dir / latest), documents=len(documents),
                          chunks=loaded.ntotal, device=loaded.device, built_by="another process")
                 return OpenedIndex(name=name, status="reused", fingerprint=fp, documents=len(documents),
-                                   path=index_dir / latest, index=loaded, embedder=embedder)
+                                   path=index_dir / latest, index=loaded, embedder=embedder, metadata=metadata)
         status: Status = "rebuilt" if latest is not None else "built"
-        folder, index = await _build(
-            name, index_dir, fp, documents, embedder, chunk_tokens, chunk_overlap, progress
+        folder, index, words = await _build(
+            name, index_dir, fp, documents, embedder, chunk_tokens, chunk_overlap, progress, headings
         )
     return OpenedIndex(name=name, status=status, fingerprint=fp, documents=len(documents),
-                       path=folder, index=index, embedder=embedder)
+                       path=folder, index=index, embedder=embedder, metadata=metadata, keyword_index=words)
 
 
 @contextlib.asynccontextmanager
@@ -193,12 +358,12 @@ async def build_lock(index_dir: Path, name: str) -> AsyncIterator[None]:
 
 async def _build(
     name: str, index_dir: Path, fp: str, documents: list[Document], embedder: EmbeddingEngine,
-    chunk_tokens: int, chunk_overlap: int, progress: Progress | None,
-) -> tuple[Path, VectorIndex]:
-    """Chunk, embed and index documents into a new build folder, then make it CURRENT."""
+    chunk_tokens: int, chunk_overlap: int, progress: Progress | None, headings: bool,
+) -> tuple[Path, VectorIndex, KeywordIndex]:
+    """Chunk, embed and index documents (FAISS and keyword) into a new build folder, then make it CURRENT."""
     started = time.perf_counter()
     chunks = await anyio.to_thread.run_sync(
-        _chunk_all, documents, embedder, chunk_tokens, chunk_overlap
+        _chunk_all, documents, embedder, chunk_tokens, chunk_overlap, headings
     )
     if not chunks:
         raise IndexBuildError(
@@ -211,9 +376,10 @@ async def _build(
         folder.mkdir()
         vectors = await _embed_all(name, chunks, embedder, progress)
         index = await anyio.to_thread.run_sync(VectorIndex.build, vectors, chunks)
-        manifest = _manifest(name, fp, embedder, chunk_tokens, chunk_overlap, documents, chunks)
+        words = await anyio.to_thread.run_sync(KeywordIndex.build, chunks)
+        manifest = _manifest(name, fp, embedder, chunk_tokens, chunk_overlap, documents, chunks, headings)
         await anyio.to_thread.run_sync(
-            _write_and_commit, index_dir, folder, index, chunks, manifest, committed
+            _write_and_commit, index_dir, folder, index, words, chunks, manifest, committed
         )
     finally:
         if not committed:
@@ -221,15 +387,17 @@ async def _build(
     log.info("index.built", index=name, path=str(folder), documents=len(documents),
              chunks=len(chunks), device=index.device,
              seconds=round(time.perf_counter() - started, 3))
-    return folder, index
+    return folder, index, words
 
 
 def _chunk_all(documents: Sequence[Document], embedder: EmbeddingEngine, chunk_tokens: int,
-               chunk_overlap: int) -> list[ChunkRecord]:
+               chunk_overlap: int, headings: bool) -> list[ChunkRecord]:
     chunks: list[ChunkRecord] = []
     for doc in documents:
-        spans = embedder.token_spans(doc.text)
-        chunks.extend(chunk_document(doc, spans, chunk_tokens, chunk_overlap, first_id=len(chunks)))
+        shift = doc.body_start  # the front matter is metadata, not text to search
+        spans = [(start + shift, end + shift) for start, end in embedder.token_spans(doc.body)]
+        chunks.extend(chunk_document(doc, spans, chunk_tokens, chunk_overlap, first_id=len(chunks),
+                                     headings=headings))
     return chunks
 
 
@@ -240,7 +408,7 @@ async def _embed_all(name: str, chunks: Sequence[ChunkRecord], embedder: Embeddi
     if progress is not None:
         progress(0, total)
     for first in range(0, total, EMBED_BATCH):
-        batch = [chunk.text for chunk in chunks[first : first + EMBED_BATCH]]
+        batch = [chunk.indexed_text for chunk in chunks[first : first + EMBED_BATCH]]
         try:
             vectors = np.asarray(await embedder.embed(batch), dtype=np.float32)
         except MultilaneError:
@@ -262,7 +430,7 @@ async def _embed_all(name: str, chunks: Sequence[ChunkRecord], embedder: Embeddi
 
 
 def _manifest(name: str, fp: str, embedder: EmbeddingEngine, chunk_tokens: int, chunk_overlap: int,
-              documents: Sequence[Document], chunks: Sequence[ChunkRecord]) -> dict[str, Any]:
+              documents: Sequence[Document], chunks: Sequence[ChunkRecord], headings: bool) -> dict[str, Any]:
     per_doc: dict[str, int] = {}
     for chunk in chunks:
         per_doc[chunk.source] = per_doc.get(chunk.source, 0) + 1
@@ -274,6 +442,8 @@ def _manifest(name: str, fp: str, embedder: EmbeddingEngine, chunk_tokens: int, 
         "dimension": embedder.dimension,
         "chunk_tokens": chunk_tokens,
         "chunk_overlap": chunk_overlap,
+        "headings": headings,
+        "keyword": {"folder": KEYWORD_FOLDER, "format": keyword.FORMAT_VERSION, "tokenizer": keyword.TOKENIZER},
         "documents": [
             {"path": d.path, "sha256": d.sha256, "chunks": per_doc.get(d.path, 0)}
             for d in documents
@@ -284,17 +454,14 @@ def _manifest(name: str, fp: str, embedder: EmbeddingEngine, chunk_tokens: int, 
 
 
 def _write_and_commit(
-    index_dir: Path, folder: Path, index: VectorIndex, chunks: Sequence[ChunkRecord],
+    index_dir: Path, folder: Path, index: VectorIndex, words: KeywordIndex, chunks: Sequence[ChunkRecord],
     manifest: dict[str, Any], committed: list[bool],
 ) -> None:
     """Write the build folder (manifest last), point CURRENT at it, then drop older builds."""
     index.save(folder / "index.faiss")
     _fsync_file(folder / "index.faiss")
-    lines = "".join(
-        json.dumps({"id": c.id, "source": c.source, "start": c.start, "end": c.end, "text": c.text},
-                   ensure_ascii=False) + "\n"
-        for c in chunks
-    )
+    words.save(folder / KEYWORD_FOLDER)
+    lines = "".join(json.dumps(_chunk_json(c), ensure_ascii=False) + "\n" for c in chunks)
     _write_durably(folder / "chunks.jsonl", lines)
     manifest_text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
     _write_durably(folder / "manifest.json", manifest_text)
@@ -358,10 +525,18 @@ def _try_load(index_dir: Path, current: str, fp: str, dimension: int) -> VectorI
         return None
 
 
+def _chunk_json(chunk: ChunkRecord) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": chunk.id, "source": chunk.source, "start": chunk.start, "end": chunk.end,
+                            "text": chunk.text}
+    if chunk.heading:
+        data["heading"] = chunk.heading
+    return data
+
+
 def _chunk_from_json(line: str) -> ChunkRecord:
     data = json.loads(line)
     return ChunkRecord(id=int(data["id"]), source=str(data["source"]), text=str(data["text"]),
-                       start=int(data["start"]), end=int(data["end"]))
+                       start=int(data["start"]), end=int(data["end"]), heading=str(data.get("heading", "")))
 
 
 def _check_name(name: str) -> None:

@@ -88,9 +88,8 @@ class _Checker:
                 self.check_model(stage.model, "generate", (*where, "model"), f"stage kind '{stage.kind}'")
             elif isinstance(stage, EmbedStage):
                 self.check_model(stage.model, "embedding", (*where, "model"), f"stage kind '{stage.kind}'")
-            elif isinstance(stage, RetrieveStage) and stage.index not in self.spec.indexes:
-                declared = ", ".join(self.spec.indexes) or "none"
-                self.add(f"unknown index '{stage.index}' (declared: {declared})", (*where, "index"))
+            elif isinstance(stage, RetrieveStage):
+                self.check_retrieve(stage, where)
             if isinstance(stage, ToolCallStage):
                 self.check_schema(stage.json_schema, (*where, "schema"))
             for i, dep in enumerate(stage.after):
@@ -112,6 +111,16 @@ class _Checker:
             self.check_template(pipeline.output, (*base, "output"), pipeline, None)
         if not any(p.path[:2] == base for p in self.problems):
             self.check_cycles(name, pipeline)
+
+    def check_retrieve(self, stage: RetrieveStage, where: KeyPath) -> None:
+        if stage.index not in self.spec.indexes:
+            declared = ", ".join(self.spec.indexes) or "none"
+            self.add(f"unknown index '{stage.index}' (declared: {declared})", (*where, "index"))
+        if stage.mode != "hybrid":
+            for key in ("weights", "candidates"):
+                if key in stage.model_fields_set:
+                    self.add(f"{key} applies to mode: hybrid only (this stage's mode is {stage.mode})",
+                             (*where, key))
 
     def check_schema(self, schema: dict[str, Any], path: KeyPath) -> None:
         if not any(key in schema for key in _SCHEMA_KEYS):

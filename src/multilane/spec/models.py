@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from multilane.corpora import CORPUS_NAMES
 from multilane.durations import parse_duration
 from multilane.errors import InputError, SpecError, UnknownNameError
 from multilane.pipeline.templates import template_reads
@@ -30,6 +31,7 @@ __all__ = [
     "AgentsSpec",
     "EmbedStage",
     "GenerateStage",
+    "HybridWeights",
     "IndexSpec",
     "InputSpec",
     "ModelSpec",
@@ -86,6 +88,31 @@ def _check_documents(value: Any) -> Any:
     raise ValueError(f"expected a glob or a non-empty list of globs, got {describe_value(value)}")
 
 
+def _check_corpus(value: Any) -> Any:
+    if isinstance(value, str) and value not in CORPUS_NAMES:
+        raise ValueError(f"unknown corpus '{value}' (corpora: {', '.join(CORPUS_NAMES)})")
+    return value
+
+
+def _check_filter(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value  # pydantic says what type it wanted
+    if not value:
+        raise ValueError("a filter needs a path glob or a front-matter field, like {path: 'history/*', tags: ferry}")
+    for key, wanted in value.items():
+        values = wanted if isinstance(wanted, list) else [wanted]
+        if not values:
+            raise ValueError(f"filter '{key}' is an empty list; give at least one value")
+        if key == "path":
+            if not all(isinstance(v, str) and v.strip() for v in values):
+                raise ValueError(f"filter 'path' takes a glob or a list of globs, like 'history/*', "
+                                 f"got {describe_value(wanted)}")
+        elif not all(isinstance(v, str | int | float) for v in values):  # bool is an int
+            raise ValueError(f"filter '{key}' takes a string, number or true/false, or a list of them, "
+                             f"got {describe_value(wanted)}")
+    return value
+
+
 Duration = Annotated[str | int | float, BeforeValidator(_check_duration)]
 MemoryBudget = Annotated[str | int, BeforeValidator(_check_memory_budget)]
 
@@ -101,6 +128,8 @@ def _check_journal(value: Any) -> Any:
 
 JournalSetting = Annotated[str | None, BeforeValidator(_check_journal)]
 Documents = Annotated[str | list[str], BeforeValidator(_check_documents)]
+Corpus = Annotated[str, BeforeValidator(_check_corpus)]
+FilterValue = str | int | float | bool | list[str | int | float | bool]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,16 +218,32 @@ class RuntimeSpec(_Model):
 
 
 class IndexSpec(_Model):
-    """A document index: the embedding model that builds it and the documents it chunks."""
+    """A document index: the embedding model that builds it and the documents it chunks.
+
+    The documents are files matched by globs (`documents`), or a corpus that ships with Multilane (`corpus`).
+    """
 
     embedder: str
-    documents: Documents
+    documents: Documents | None = None
+    corpus: Corpus | None = None
     chunk_tokens: int = Field(default=200, ge=16)
     chunk_overlap: int = Field(default=40, ge=0)
+    chunk_headings: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IndexSpec:
+        if self.documents is None and self.corpus is None:
+            raise ValueError(f"give documents (globs of files to index) or corpus (one of: "
+                             f"{', '.join(CORPUS_NAMES)})")
+        if self.documents is not None and self.corpus is not None:
+            raise ValueError("give documents or corpus, not both")
+        return self
 
     @property
     def document_globs(self) -> tuple[str, ...]:
-        """The document globs as a tuple, whether the file wrote one or several."""
+        """The document globs as a tuple, whether the file wrote one or several (none for a corpus)."""
+        if self.documents is None:
+            return ()
         return (self.documents,) if isinstance(self.documents, str) else tuple(self.documents)
 
 
@@ -277,13 +322,37 @@ class EmbedStage(StageBase):
         return {"text": self.text}
 
 
+class HybridWeights(_Model):
+    """How much each ranking counts in hybrid retrieval's reciprocal rank fusion."""
+
+    dense: float = Field(default=1.0, ge=0.0)
+    keyword: float = Field(default=1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _not_both_zero(self) -> HybridWeights:
+        if self.dense == 0 and self.keyword == 0:
+            raise ValueError("at least one weight must be above 0")
+        return self
+
+
 class RetrieveStage(StageBase):
-    """Search an index for the passages nearest a rendered query."""
+    """Search an index for the passages nearest a rendered query: by embeddings, by keywords, or both fused."""
 
     kind: Literal["retrieve"]
     index: str
     query: str
     top_k: int = Field(default=4, ge=1)
+    mode: Literal["dense", "keyword", "hybrid"] = "dense"
+    weights: HybridWeights | None = None
+    candidates: int = Field(default=50, ge=1)
+    per_source: int | None = Field(default=None, ge=1)
+    filter: Annotated[dict[str, FilterValue] | None, BeforeValidator(_check_filter)] = None
+
+    @property
+    def fusion_weights(self) -> tuple[float, float]:
+        """(dense, keyword) weights for hybrid retrieval."""
+        weights = self.weights or HybridWeights()
+        return (weights.dense, weights.keyword)
 
     def templates(self) -> dict[str, str]:
         """The stage's template fields (YAML key -> source) that are set."""

@@ -17,6 +17,7 @@ from multilane.spec.models import (
     STAGE_CLASSES,
     STAGE_KINDS,
     AgentsSpec,
+    HybridWeights,
     IndexSpec,
     InputSpec,
     ModelSpec,
@@ -101,6 +102,8 @@ def _allowed_keys(path: KeyPath, data: Any) -> list[str] | None:
         model = PipelineSpec
     elif len(parent) == 4 and parent[0] == "pipelines" and parent[2] == "inputs":
         model = InputSpec
+    elif len(parent) == 5 and parent[0] == "pipelines" and parent[2] == "stages" and parent[4] == "weights":
+        model = HybridWeights
     elif len(parent) == 4 and parent[0] == "pipelines" and parent[2] == "stages":
         node = _get(data, parent)
         kind = node.get("kind") if isinstance(node, dict) else None
