@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,6 +10,7 @@ from typing import Annotated, Any
 import anyio
 import typer
 
+from multilane.cli_progress import shown_progress
 from multilane.errors import MultilaneError
 from multilane.logs import configure_logging
 
@@ -67,15 +67,6 @@ def _coerce(pipeline: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _progress(index: str, done: int, total: int) -> None:
-    if sys.stderr.isatty():
-        end = "\n" if done >= total else ""
-        sys.stderr.write(f"\rindex '{index}': embedded {done}/{total} chunks{end}")
-    elif done >= total:
-        sys.stderr.write(f"index '{index}': embedded {total} chunks\n")
-    sys.stderr.flush()
-
-
 @app.command()
 def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
         pipeline: Annotated[str, typer.Argument(help="Pipeline to run.")],
@@ -87,7 +78,7 @@ def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
     from multilane.runtime import Runtime
 
     async def go() -> None:
-        async with Runtime.from_file(file, progress=_progress) as rt:
+        async with Runtime.from_file(file) as rt:
             declared = rt.spec.pipeline(pipeline)
             result = await rt.run(pipeline, _coerce(declared, _parse_inputs(input or [])))
         if as_json:
@@ -129,7 +120,7 @@ def index_build(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).
     from multilane.runtime import Runtime
 
     async def go() -> None:
-        async with Runtime.from_file(file, progress=_progress) as rt:
+        async with Runtime.from_file(file) as rt:
             opened = await rt.index(index, rebuild=rebuild)
         typer.echo(f"index '{index}': {opened.status}, {opened.documents} documents, {opened.chunks} chunks, "
                    f"{opened.device}, at {opened.path}")
@@ -227,8 +218,9 @@ def serve(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
     if not verbose:
         typer.echo(f"multilane: serving {file} on http://{host}:{port} (loading models first)", err=True)
     try:
-        run_server(file, host=host, port=port, api_key=api_key or None, grace=grace, max_body_bytes=limit,
-                   log_level="info" if verbose else "warning", default_max_tokens=max_tokens)
+        with shown_progress():  # models that load at start, or later on demand
+            run_server(file, host=host, port=port, api_key=api_key or None, grace=grace, max_body_bytes=limit,
+                       log_level="info" if verbose else "warning", default_max_tokens=max_tokens)
     except MultilaneError as exc:
         _fail(str(exc))
 
@@ -305,8 +297,10 @@ def bench(suites: Annotated[list[str] | None, typer.Argument(
 
 
 def _run_async(fn: Any) -> None:
+    """Run a command's async body, showing the progress of its long work on a terminal."""
     try:
-        anyio.run(fn)
+        with shown_progress():
+            anyio.run(fn)
     except MultilaneError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
