@@ -18,6 +18,7 @@ import numpy as np
 
 from multilane import Runtime, SamplingOptions, load_spec, parse_spec
 from multilane.lanes import UNSET
+from multilane.progress import step
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "bench.yaml"
@@ -96,15 +97,17 @@ async def throughput(rt: Runtime) -> dict[str, Any]:
     await _timed_calls(multilane, prompts(4), concurrent=True)  # warm up
     sequential = await _timed_calls(multilane, prompts(SEQUENTIAL_SAMPLE), concurrent=False)
     rows = []
-    for n in CONCURRENCY:
-        through = await _timed_calls(multilane, prompts(n), concurrent=True)
-        row: dict[str, Any] = {"concurrency": n, "multilane": through,
-                               "speedup_vs_sequential": through["tokens_per_s"] / sequential["tokens_per_s"]}
-        if n >= 16:
-            direct = await _timed_calls(raw, prompts(n), concurrent=True)
-            row["raw_vllm"] = direct
-            row["overhead_vs_raw"] = 1 - through["tokens_per_s"] / direct["tokens_per_s"]
-        rows.append(row)
+    with step("bench:throughput", "throughput at each concurrency", total=len(CONCURRENCY)) as advance:
+        for n in CONCURRENCY:
+            through = await _timed_calls(multilane, prompts(n), concurrent=True)
+            row: dict[str, Any] = {"concurrency": n, "multilane": through,
+                                   "speedup_vs_sequential": through["tokens_per_s"] / sequential["tokens_per_s"]}
+            if n >= 16:
+                direct = await _timed_calls(raw, prompts(n), concurrent=True)
+                row["raw_vllm"] = direct
+                row["overhead_vs_raw"] = 1 - through["tokens_per_s"] / direct["tokens_per_s"]
+            rows.append(row)
+            advance(len(rows))
     return {"output_tokens": OUTPUT_TOKENS, "sequential": sequential, "rows": rows}
 
 
@@ -291,8 +294,9 @@ async def run(names: list[str]) -> dict[str, Any]:
     """Run the named suites on one runtime over bench.yaml."""
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     async with Runtime(load_spec(SPEC)) as rt:
-        for name in names:
+        for i, name in enumerate(names, start=1):
             t0 = time.perf_counter()
-            results[name] = await SUITES[name](rt)
+            with step(f"bench:{name}:suite", f"suite {i} of {len(names)}: {name}"):
+                results[name] = await SUITES[name](rt)
             results[name]["suite_seconds"] = round(time.perf_counter() - t0, 1)
     return results

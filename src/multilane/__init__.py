@@ -34,6 +34,7 @@ from multilane.errors import (
 )
 from multilane.logs import library_defaults as _library_defaults
 from multilane.pipeline.executor import RunEvent, RunResult, StageEvent
+from multilane.progress import ProgressUpdate
 from multilane.project import load_spec, parse_spec
 from multilane.runtime import Runtime
 from multilane.spec import Spec
@@ -63,6 +64,7 @@ __all__ = [
     "MemoryBudgetError",
     "MultilaneError",
     "OutputValidationError",
+    "ProgressUpdate",
     "QueueFullError",
     "ReplayError",
     "ResumeError",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,6 +10,7 @@ from typing import Annotated, Any
 import anyio
 import typer
 
+from multilane.cli_progress import shown_progress
 from multilane.errors import MultilaneError
 from multilane.logs import configure_logging
 
@@ -71,15 +70,6 @@ def _coerce(pipeline: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _progress(index: str, done: int, total: int) -> None:
-    if sys.stderr.isatty():
-        end = "\n" if done >= total else ""
-        sys.stderr.write(f"\rindex '{index}': embedded {done}/{total} chunks{end}")
-    elif done >= total:
-        sys.stderr.write(f"index '{index}': embedded {total} chunks\n")
-    sys.stderr.flush()
-
-
 @app.command()
 def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
         pipeline: Annotated[str, typer.Argument(help="Pipeline to run.")],
@@ -91,7 +81,7 @@ def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
     from multilane.runtime import Runtime
 
     async def go() -> None:
-        async with Runtime.from_file(file, progress=_progress) as rt:
+        async with Runtime.from_file(file) as rt:
             declared = rt.spec.pipeline(pipeline)
             result = await rt.run(pipeline, _coerce(declared, _parse_inputs(input or [])))
         if as_json:
@@ -133,7 +123,7 @@ def index_build(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).
     from multilane.runtime import Runtime
 
     async def go() -> None:
-        async with Runtime.from_file(file, progress=_progress) as rt:
+        async with Runtime.from_file(file) as rt:
             opened = await rt.index(index, rebuild=rebuild)
         typer.echo(f"index '{index}': {opened.status}, {opened.documents} documents, {opened.chunks} chunks, "
                    f"{opened.device}, at {opened.path}")
@@ -231,8 +221,9 @@ def serve(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
     if not verbose:
         typer.echo(f"multilane: serving {file} on http://{host}:{port} (loading models first)", err=True)
     try:
-        run_server(file, host=host, port=port, api_key=api_key or None, grace=grace, max_body_bytes=limit,
-                   log_level="info" if verbose else "warning", default_max_tokens=max_tokens)
+        with shown_progress():  # models that load at start, or later on demand
+            run_server(file, host=host, port=port, api_key=api_key or None, grace=grace, max_body_bytes=limit,
+                       log_level="info" if verbose else "warning", default_max_tokens=max_tokens)
     except MultilaneError as exc:
         _fail(str(exc))
 
@@ -406,7 +397,7 @@ def runs_resume(run_id: RunId, journal: JournalOption = None, file: FileOption =
     spec_file = _run_file(path, run_id, file)
 
     async def go() -> None:
-        async with Runtime.from_file(spec_file, journal=path, progress=_progress) as rt:
+        async with Runtime.from_file(spec_file, journal=path) as rt:
             result = await rt.resume(run_id, force=force)
         _echo_result(result, as_json)
 
@@ -472,12 +463,11 @@ def eval_(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
         # One runtime per file, one pipeline after another: their latencies are measured alone, and a file's
         # pipelines share its lanes and indexes.
         for path in dict.fromkeys(path for path, _ in targets):
-            async with Runtime(specs[path], progress=_progress) as rt:
+            async with Runtime(specs[path]) as rt:
                 for name in [n for p, n in targets if p == path]:
                     result = await rt.evaluate(
                         name, gold, concurrency=concurrency, retrieve_stage=retrieve_stage,
-                        answer_stage=answer_stage, question_input=question_input,
-                        progress=functools.partial(_eval_progress, f"{path.name}:{name}"))
+                        answer_stage=answer_stage, question_input=question_input)
                     results.append(result)
 
     _run_async(go)
@@ -499,17 +489,11 @@ def _against(value: str, pipeline: str) -> tuple[Path, str]:
     return Path(value), pipeline
 
 
-def _eval_progress(label: str, done: int, total: int) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\r{label}: {done}/{total} questions" + ("\n" if done >= total else ""))
-    elif done >= total:
-        sys.stderr.write(f"{label}: {total} questions\n")
-    sys.stderr.flush()
-
-
 def _run_async(fn: Any) -> None:
+    """Run a command's async body, showing the progress of its long work on a terminal."""
     try:
-        anyio.run(fn)
+        with shown_progress():
+            anyio.run(fn)
     except MultilaneError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,6 +28,8 @@ from multilane.journal import CacheCounts, CacheLayer, Journal, JournalLayer, Lo
 from multilane.journal import journal_path as spec_journal_path
 from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
 from multilane.pipeline.executor import RunEvent, RunResult, execute
+from multilane.progress import ProgressCallback, ProgressUpdate, reporting, step
+from multilane.progress import current as current_progress
 from multilane.project import load_spec
 from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home, resolve_source
@@ -41,9 +44,6 @@ log = structlog.get_logger(__name__)
 
 EngineFactory = Callable[[str, Spec], Awaitable[Engine]]
 """Makes the engine of a declared model (name, spec): the hook for fake engines in tests."""
-
-ProgressCallback = Callable[[str, int, int], None]
-"""Called with (index name, chunks embedded, chunks in all) while an index builds."""
 
 CPU_BUDGET_SHARE = 0.8  # of available RAM, when memory_budget is auto on the CPU
 GPU_BUDGET_SHARE = 0.9  # of free GPU memory, when memory_budget is auto on a GPU
@@ -174,6 +174,8 @@ class Runtime:
 
     Runs are journaled (`runtime.journal`, or `journal=` a path or "off"), so they can be looked at, resumed
     and replayed. An `offline` runtime loads no model: it is for replays.
+    `progress` receives the progress of long work (GGUF conversions, model loads, index builds); without it,
+    progress goes to the callback of the calling context (`multilane.progress.reporting`), if any.
     """
 
     def __init__(self, spec: Spec, *, engines: EngineFactory | None = None, index_root: Path | None = None,
@@ -269,6 +271,18 @@ class Runtime:
             raise MultilaneError("the runtime is not open; use `async with Runtime(...) as rt:`")
 
     async def _plan(self, name: str) -> LanePlan:
+        """Plan a model's lane, reporting the preparation of its source and, later, its load as progress."""
+        with reporting(self._progress):
+            plan = await self._plan_lane(name)
+        load, progress = plan.load, self._progress
+
+        async def load_reporting() -> Engine:
+            with reporting(progress), step(f"load:{name}", f"loading model '{name}'"):
+                return await load()
+
+        return dataclasses.replace(plan, load=load_reporting)
+
+    async def _plan_lane(self, name: str) -> LanePlan:
         if self._engine_factory is None:
             return await plan_model(name, self.spec)
         model = self.spec.model(name)
@@ -359,15 +373,14 @@ class Runtime:
 
                     patterns, base_dir = list(CORPUS_PATTERNS), await anyio.to_thread.run_sync(
                         corpus_folder, declared.corpus)
-                async with self._pool.hold(declared.embedder) as lane:
-                    embedder = _LaneEmbedder(self._pool, declared.embedder, lane.engine)  # type: ignore[arg-type]
-                    progress = self._progress
-                    opened = await open_index(
-                        name, patterns=patterns, base_dir=base_dir,
-                        embedder=embedder, chunk_tokens=declared.chunk_tokens,
-                        chunk_overlap=declared.chunk_overlap, root=self._index_root / self._index_folder(name),
-                        rebuild=rebuild, headings=declared.chunk_headings,
-                        progress=(lambda done, total: progress(name, done, total)) if progress else None)
+                with reporting(self._progress), _IndexProgress(name) as embedded:
+                    async with self._pool.hold(declared.embedder) as lane:
+                        embedder = _LaneEmbedder(self._pool, declared.embedder, lane.engine)  # type: ignore[arg-type]
+                        opened = await open_index(
+                            name, patterns=patterns, base_dir=base_dir,
+                            embedder=embedder, chunk_tokens=declared.chunk_tokens,
+                            chunk_overlap=declared.chunk_overlap, root=self._index_root / self._index_folder(name),
+                            rebuild=rebuild, headings=declared.chunk_headings, progress=embedded.report)
                 self._indexes[name] = opened
                 log.info("index ready", index=name, status=opened.status, chunks=opened.chunks,
                          documents=opened.documents, device=opened.device)
@@ -540,6 +553,29 @@ class Runtime:
                 tg.cancel_scope.cancel()
         if raised is not None:
             raise raised
+
+
+class _IndexProgress:
+    """Reports the chunks an index build embeds, as one piece of work; nothing when the saved index is reused."""
+
+    def __init__(self, name: str) -> None:
+        self._key, self._description = f"index:{name}", f"embedding index '{name}'"
+        self._callback = current_progress()
+        self._last: ProgressUpdate | None = None
+
+    def report(self, done: int, total: int) -> None:
+        if self._callback is not None:
+            self._last = ProgressUpdate(self._key, self._description, done, total, finished=done >= total)
+            self._callback(self._last)
+
+    def __enter__(self) -> _IndexProgress:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        last = self._last
+        if last is not None and not last.finished and self._callback is not None:  # the build failed midway
+            self._callback(dataclasses.replace(last, finished=True, failed=True))
 
 
 def _as_messages(messages: Sequence[Message] | str) -> list[Message]:

@@ -15,6 +15,7 @@ import structlog
 from filelock import FileLock
 
 from multilane.errors import SourceError
+from multilane.progress import step
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +95,8 @@ def _locate_package(module: str, source: str, home: Path) -> Path:
         target = home / "gguf" / f"{module}.gguf"
         log.info("assembling packaged model", source=source, target=str(target))
         try:
-            with FileLock(home / "gguf" / f".{module}.lock"):  # two processes must not write one file at once
+            with (FileLock(home / "gguf" / f".{module}.lock"),  # two processes must not write one file at once
+                  step(f"assemble:{module}", f"assembling the GGUF file of {module}")):
                 return Path(assemble(output_path=target))
         except Exception as exc:
             raise SourceError(f"model source '{source}': assembling the GGUF file failed: {exc}") from exc
@@ -137,7 +139,8 @@ def _prepare_gguf(gguf: Path, source: str, home: Path) -> Path:
         scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(scratch, ignore_errors=True)
         try:
-            _convert_gguf(gguf, scratch)
+            with step(f"convert:{target.name}", f"converting {gguf.name} to a bf16 checkpoint (once)"):
+                _convert_gguf(gguf, scratch)
             (scratch / _PREPARED_MARKER).write_text(json.dumps({"source": source, "gguf": str(gguf),
                                                                  "sha256_prefix": digest}))
             shutil.rmtree(target, ignore_errors=True)

@@ -20,6 +20,7 @@ from multilane.errors import EvaluationError, MultilaneError
 from multilane.evaluation.dataset import GoldQuestion, GoldSet, load_gold_set
 from multilane.evaluation.metrics import DEFAULT_KS, EvalReport, QuestionScore, aggregate, score_question
 from multilane.pipeline.executor import RunResult
+from multilane.progress import step as progress_step
 from multilane.spec import EmbedStage, GenerateStage, PipelineSpec, RetrieveStage, Spec
 
 log = structlog.get_logger(__name__)
@@ -138,17 +139,21 @@ async def evaluate(runtime: Runner, pipeline: str, dataset: GoldSet | str | Path
     log.info("eval started", pipeline=pipeline, dataset=str(gold.path), questions=len(gold),
              concurrency=concurrency)
 
-    async def one(position: int, question: GoldQuestion) -> None:
-        nonlocal done
-        async with limiter:
-            runs[position] = await _ask(runtime, pipeline, plan, question)
-        done += 1
-        if progress is not None:
-            progress(done, len(gold))
+    name = runtime.spec.path.name if runtime.spec.path is not None else runtime.spec.name
+    with progress_step(f"eval:{name}:{pipeline}", f"evaluating {name}:{pipeline}", total=len(gold)) as advance:
 
-    async with anyio.create_task_group() as tg:
-        for position, question in enumerate(gold):
-            tg.start_soon(one, position, question)
+        async def one(position: int, question: GoldQuestion) -> None:
+            nonlocal done
+            async with limiter:
+                runs[position] = await _ask(runtime, pipeline, plan, question)
+            done += 1
+            advance(done)
+            if progress is not None:
+                progress(done, len(gold))
+
+        async with anyio.create_task_group() as tg:
+            for position, question in enumerate(gold):
+                tg.start_soon(one, position, question)
     finished = [run for run in runs if run is not None]
     failures = [run for run in finished if run.error is not None]
     if failures and len(failures) == len(finished):
@@ -158,7 +163,6 @@ async def evaluate(runtime: Runner, pipeline: str, dataset: GoldSet | str | Path
         log.warning("eval question failed", question=run.id, error=run.error)
     scores = [_score(run, plan) for run in finished]
     seconds = time.perf_counter() - started
-    name = runtime.spec.path.name if runtime.spec.path is not None else runtime.spec.name
     log.info("eval finished", pipeline=pipeline, seconds=round(seconds, 3), errors=len(failures))
     return EvalResult(
         label=f"{name}:{pipeline}", file=str(runtime.spec.path or runtime.spec.name), pipeline=pipeline,

@@ -14,30 +14,37 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, HTTPException, Request, Response
 from starlette.datastructures import MutableHeaders
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from multilane import __version__
 from multilane.runtime import Runtime
-from multilane.server import ollama_api, openai_api, pipelines, responses_api, runs
+from multilane.server import lanes_page, ollama_api, openai_api, pipelines, responses_api, runs
 from multilane.server.errors import error_response, install_error_handlers, log_refusal
 from multilane.server.metrics import ServerMetrics
+from multilane.server.recent_runs import RecentRunBuffer
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 512
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/"})
+"""Routes that need no API key: the health check, and the lanes page, which holds no data of its own."""
+RECENT_RUNS = 50  # pipeline runs the lanes page can show
 
 
 class BearerAuth:
-    """Refuse (401) every request but /healthz that lacks `Authorization: Bearer <key>`; compared in constant time."""
+    """Refuse (401) a request that lacks `Authorization: Bearer <key>`, compared in constant time.
+
+    Open: /healthz, and the lanes page with its script and style (its data comes from /v1/lanes, behind the key).
+    """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self._expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(lanes_page.STATIC_PATHS):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
@@ -141,20 +148,22 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
                default_max_tokens: int = DEFAULT_MAX_TOKENS, manage_runtime: bool = True) -> FastAPI:
     """An app serving `runtime`; its lifespan opens and closes the runtime unless `manage_runtime` is False.
 
-    With `api_key`, every route but /healthz needs `Authorization: Bearer <api_key>`. Calls that give no
-    max_tokens get `default_max_tokens`.
+    With `api_key`, every route but /healthz and the lanes page's files needs `Authorization: Bearer <api_key>`.
+    Calls that give no max_tokens get `default_max_tokens`.
     """
     metrics = ServerMetrics(runtime)
+    rates = lanes_page.TokenRates(runtime.pool.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.pool.observers.append(metrics.observe)
         try:
             if manage_runtime:
-                async with runtime:
+                async with runtime, lanes_page.sampling(rates):
                     yield
             else:
-                yield
+                async with lanes_page.sampling(rates):
+                    yield
         finally:
             runtime.pool.observers.remove(metrics.observe)
 
@@ -162,11 +171,15 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
     app.state.runtime = runtime
     app.state.metrics = metrics
     app.state.default_max_tokens = default_max_tokens
+    app.state.token_rates = rates
+    app.state.recent_runs = RecentRunBuffer(RECENT_RUNS)
     app.include_router(openai_api.router)
     app.include_router(responses_api.router)
     app.include_router(ollama_api.router)
     app.include_router(pipelines.router)
     app.include_router(runs.router)
+    app.include_router(lanes_page.router)
+    app.mount("/static", StaticFiles(packages=[("multilane.server", "static")]), name="static")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from multilane.errors import MultilaneError
 from multilane.pipeline.executor import RunResult
 from multilane.server.common import (
     SSE_HEADERS,
@@ -18,6 +19,7 @@ from multilane.server.common import (
     sse,
 )
 from multilane.server.errors import api_error, error_body
+from multilane.server.recent_runs import RecentRunBuffer, RunTimeline, summarize
 
 router = APIRouter(prefix="/v1/pipelines", tags=["pipelines"])
 
@@ -47,14 +49,24 @@ async def run_pipeline(name: str, body: RunRequest, request: Request) -> Respons
     """Run a pipeline: its RunResult as JSON, or with `stream: true` its RunEvents as SSE ending `data: [DONE]`."""
     rt = runtime_of(request)
     declared = rt.spec.pipeline(name)  # unknown: 404
+    declared.check_inputs(body.inputs, pipeline=name)  # bad inputs: 422 before anything runs
+    recent: RecentRunBuffer = request.app.state.recent_runs
+    timeline = RunTimeline(name, rt.spec)
     if not body.stream:
-        result: RunResult = await abort_on_disconnect(request, lambda: rt.run(name, body.inputs))
+        try:
+            result: RunResult = await abort_on_disconnect(request, lambda: rt.run(name, body.inputs))
+        except MultilaneError as exc:
+            recent.record(timeline.failed(str(exc)))
+            raise
+        recent.record(summarize(result, rt.spec))
         return json_response(result.to_dict())
-    declared.check_inputs(body.inputs, pipeline=name)  # bad inputs: 422 before the stream starts
 
     async def produce(emit: Emit) -> None:
         async with rt.stream(name, body.inputs) as events:
             async for event in events:
+                summary = timeline.observe(event)
+                if summary is not None:
+                    recent.record(summary)
                 await emit(sse(event.to_dict()))
         await emit("data: [DONE]\n\n")
 
