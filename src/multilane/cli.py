@@ -189,7 +189,7 @@ def _ps_url(url: str, api_key: str | None, as_json: bool) -> None:
     typer.echo(format_ps(rows))
     usage = body.get("usage")
     if usage:
-        from multilane.lanes import format_bytes
+        from multilane.memory import format_bytes
 
         budget = usage["budget_bytes"]
         typer.echo(f"\nbudget {format_bytes(budget) if budget else 'unlimited'}, in use "
@@ -229,7 +229,7 @@ def serve(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
 
 def format_ps(rows: list[dict[str, Any]]) -> str:
     """The loaded lanes as a table, like `ollama ps`."""
-    from multilane.lanes import format_bytes
+    from multilane.memory import format_bytes
 
     header = ("NAME", "KIND", "DEVICE", "WEIGHTS", "KV", "SLOTS", "QUEUED", "CONTEXT", "LOADED", "UNTIL")
     table = [header]
@@ -249,7 +249,7 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
 
 def format_plans(spec: Any, plans: dict[str, Any], usage: dict[str, Any]) -> str:
     """What each declared model costs when loaded, against the budget."""
-    from multilane.lanes import format_bytes
+    from multilane.memory import format_bytes
 
     lines = [f"{name}: {plan.kind}, {format_bytes(plan.cost)} ({plan.arithmetic()}), keep_alive "
              f"{spec.model(name).keep_alive}" for name, plan in plans.items()]

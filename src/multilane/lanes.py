@@ -41,6 +41,7 @@ from multilane.errors import (
     QueueFullError,
     UnknownNameError,
 )
+from multilane.memory import KVPlan, format_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -64,14 +65,15 @@ class LanePlan:
     source: str
     load: Callable[[], Awaitable[Engine]]
     weights_bytes: int = 0
-    kv_bytes_per_token: int = 0
+    kv: KVPlan | None = None  # the KV cache the engine gets, in its own blocks
     parallel: int = 1
     context: int | None = None
+    dtype: str | None = None  # the dtype the engine computes in, when Multilane chooses it
 
     @property
     def kv_bytes(self) -> int:
-        """The KV cache the engine gets: parallel x context x bytes per token."""
-        return self.parallel * (self.context or 0) * self.kv_bytes_per_token
+        """The KV cache the engine gets."""
+        return self.kv.bytes if self.kv is not None else 0
 
     @property
     def cost(self) -> int:
@@ -81,9 +83,8 @@ class LanePlan:
     def arithmetic(self) -> str:
         """The cost spelled out, for error messages and ps."""
         text = f"weights {format_bytes(self.weights_bytes)}"
-        if self.kv_bytes:
-            text += (f" + KV {self.parallel} x {self.context} x {self.kv_bytes_per_token} B"
-                     f" = {format_bytes(self.kv_bytes)}")
+        if self.kv is not None and self.kv.bytes:
+            text += f" + {self.kv.arithmetic()}"
         return text
 
 
@@ -92,15 +93,6 @@ Planner = Callable[[str], Awaitable[LanePlan]]
 
 RequestObserver = Callable[[str, float | None, float], None]
 """Told of each finished call: (declared model, seconds to its first token or None, seconds in all, queue included)."""
-
-
-def format_bytes(n: float) -> str:
-    """Bytes in binary units: 23.0 KiB, 1.50 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -550,10 +542,15 @@ class Pool:
                 expires = None  # busy: the clock starts when it goes idle
             else:
                 expires = now_wall + (lane.expires_at - now)
+            kv = lane.plan.kv
             rows.append({
                 "name": lane.name, "models": list(lane.names), "source": lane.plan.source, "kind": lane.kind,
-                "device": getattr(lane.engine, "device", "cpu"), "weights_bytes": lane.plan.weights_bytes,
-                "kv_bytes": lane.plan.kv_bytes, "busy": lane.busy, "slots": lane.parallel,
+                "device": getattr(lane.engine, "device", "cpu"),
+                "dtype": getattr(lane.engine, "dtype", None) or lane.plan.dtype,
+                "weights_bytes": lane.plan.weights_bytes, "kv_bytes": lane.plan.kv_bytes,
+                "kv_blocks": kv.blocks if kv is not None else None,
+                "kv_block_size": kv.block_size if kv is not None else None,
+                "cost": lane.plan.arithmetic(), "busy": lane.busy, "slots": lane.parallel,
                 "queued": lane.queued, "context": lane.plan.context, "loaded_at": lane.loaded_at,
                 "expires_at": expires, "keep_alive": format_duration(lane.keep_alive),
             })

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -14,119 +13,25 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
-import psutil
 import structlog
 
 from multilane.durations import parse_duration
-from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateEngine, Message, SamplingOptions
-from multilane.errors import EngineError, MultilaneError, UnknownNameError
-from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
+from multilane.engines.base import Chunk, Completion, EmbeddingEngine, Message, SamplingOptions
+from multilane.errors import MultilaneError, UnknownNameError
+from multilane.lanes import UNSET, Lane, LanePlan, Pool
 from multilane.pipeline.executor import RunEvent, RunResult, execute
+from multilane.planning import EngineFactory, auto_budget, has_gpu, plan_model, plan_with_factory
 from multilane.retrieval import OpenedIndex, open_index
-from multilane.sources import multilane_home, resolve_source
-from multilane.spec import ModelSpec, Spec, load_spec
+from multilane.sources import multilane_home
+from multilane.spec import Spec, load_spec
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentResult
 
 log = structlog.get_logger(__name__)
 
-EngineFactory = Callable[[str, Spec], Awaitable[Engine]]
-"""Makes the engine of a declared model (name, spec): the hook for fake engines in tests."""
-
 ProgressCallback = Callable[[str, int, int], None]
 """Called with (index name, chunks embedded, chunks in all) while an index builds."""
-
-CPU_BUDGET_SHARE = 0.8  # of available RAM, when memory_budget is auto on the CPU
-GPU_BUDGET_SHARE = 0.9  # of free GPU memory, when memory_budget is auto on a GPU
-
-
-def auto_budget(*, gpu: bool) -> int:
-    """A safe share of free GPU memory, or of available RAM on the CPU."""
-    if gpu:
-        import torch
-
-        free, _total = torch.cuda.mem_get_info()
-        return int(free * GPU_BUDGET_SHARE)
-    return int(psutil.virtual_memory().available * CPU_BUDGET_SHARE)
-
-
-def _settings_key(model: ModelSpec) -> str:
-    """The engine settings that must match for two declared models to share a lane."""
-    return json.dumps({"kind": model.kind, "context": model.context, "parallel": model.parallel,
-                       "dtype": model.dtype, "batch_size": model.batch_size, "batch_wait": model.batch_wait,
-                       "engine": model.engine},
-                      sort_keys=True, default=str)
-
-
-def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin"))
-
-
-async def plan_model(name: str, spec: Spec) -> LanePlan:
-    """Work out a model's lane: its engine (vLLM, sentence-transformers or remote), its cost and how to load it."""
-    model = spec.model(name)
-    options = dict(model.engine)
-    engine_kind = options.pop("kind", "local")
-    if engine_kind == "remote":
-        return _plan_remote(name, spec)
-    if engine_kind not in ("local", "vllm"):
-        raise spec.error(f"unknown engine kind '{engine_kind}' (kinds: vllm, remote)",
-                         ("models", name, "engine", "kind"))
-    prepared = await anyio.to_thread.run_sync(lambda: resolve_source(model.source, base_dir=spec.base_dir))
-    key = (prepared.identity, _settings_key(model))
-    path = str(prepared.path)
-    if model.kind == "embedding":
-        from multilane.engines.sentence_transformers import SentenceTransformerEngine
-
-        async def load_embedding() -> Engine:
-            return await SentenceTransformerEngine.load(path, identity=prepared.identity,
-                                                        batch_size=model.batch_size,
-                                                        batch_wait=model.batch_wait_seconds)
-
-        weights = await anyio.to_thread.run_sync(_weights_bytes, prepared.path)
-        return LanePlan(key, "embedding", model.source, load_embedding, weights_bytes=weights,
-                        parallel=model.parallel)
-
-    from multilane.engines.vllm import VLLMEngine
-    from multilane.memory import footprint
-
-    context = model.context or 2048
-    cost = footprint(prepared.path, model.dtype)
-    # With tensor or pipeline parallelism each GPU holds its share of weights and KV cache: budget per GPU.
-    shards = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
-
-    async def load_generate() -> Engine:
-        return await VLLMEngine.load(path, identity=prepared.identity, context=context, parallel=model.parallel,
-                                     dtype=model.dtype, kv_cache_bytes=plan.kv_bytes, options=options)
-
-    plan = LanePlan(key, "generate", model.source, load_generate, weights_bytes=-(-cost.weights_bytes // shards),
-                    kv_bytes_per_token=-(-cost.kv_bytes_per_token // shards), parallel=model.parallel,
-                    context=context)
-    return plan
-
-
-def _plan_remote(name: str, spec: Spec) -> LanePlan:
-    """A lane on an OpenAI-compatible server: it costs no local memory; slots and the queue still apply."""
-    from multilane.engines.remote import RemoteEmbeddingEngine, RemoteGenerateEngine, RemoteSettings
-
-    model = spec.model(name)
-    try:
-        settings = RemoteSettings.from_options(model.engine, default_model=name)
-    except EngineError as exc:
-        raise spec.error(str(exc), ("models", name, "engine")) from None
-    key = ("remote", settings.url, settings.served_model, _settings_key(model))
-    source = f"{settings.url}#{settings.served_model}"
-    if model.kind == "embedding":
-        async def load_embedding() -> Engine:
-            return await RemoteEmbeddingEngine.load(settings)
-
-        return LanePlan(key, "embedding", source, load_embedding, parallel=model.parallel)
-
-    async def load_generate() -> Engine:
-        return await RemoteGenerateEngine.load(settings, context=model.context)
-
-    return LanePlan(key, "generate", source, load_generate, parallel=model.parallel, context=model.context)
 
 
 class _LaneEmbedder:
@@ -181,7 +86,7 @@ class Runtime:
 
     async def __aenter__(self) -> Runtime:
         if self._pool.budget_bytes is None:
-            self._pool.budget_bytes = auto_budget(gpu=self._engine_factory is None and _has_gpu())
+            self._pool.budget_bytes = auto_budget(gpu=self._engine_factory is None and has_gpu())
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._pool.reap_forever)
@@ -216,19 +121,7 @@ class Runtime:
     async def _plan(self, name: str) -> LanePlan:
         if self._engine_factory is None:
             return await plan_model(name, self.spec)
-        model = self.spec.model(name)
-        factory = self._engine_factory
-
-        async def load() -> Engine:
-            engine = await factory(name, self.spec)
-            expected = EmbeddingEngine if model.kind == "embedding" else GenerateEngine
-            if not isinstance(engine, expected):
-                await engine.close()
-                raise EngineError(f"the engine made for model '{name}' is not a {model.kind} engine")
-            return engine
-
-        return LanePlan((model.source, _settings_key(model)), model.kind, model.source, load,
-                        parallel=model.parallel, context=model.context)
+        return plan_with_factory(name, self.spec, self._engine_factory)
 
     # ---- models
 
@@ -397,11 +290,3 @@ def _keep_alive(value: str | float | None) -> Any:
         return parse_duration(value)
     except ValueError as exc:
         raise MultilaneError(f"keep_alive: {exc}") from exc
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())

@@ -19,6 +19,7 @@ from multilane.errors import (
     UnknownNameError,
 )
 from multilane.lanes import Engine, LanePlan, Pool
+from multilane.memory import KVPlan
 from multilane.testing import FakeGenerateEngine
 
 pytestmark = pytest.mark.anyio
@@ -76,9 +77,9 @@ class Planner:
             finally:
                 self.loading -= 1
 
+        kv = KVPlan.per_token(self.parallel, self.context, self.kv_bytes_per_token) if self.kv_bytes_per_token else None
         return LanePlan(key=("k", self.keys.get(name, name)), kind="generate", source=f"fake:{name}", load=load,
-                        weights_bytes=self.costs[name], kv_bytes_per_token=self.kv_bytes_per_token,
-                        parallel=self.parallel, context=self.context)
+                        weights_bytes=self.costs[name], kv=kv, parallel=self.parallel, context=self.context)
 
 
 def make_pool(planner: Planner, keep_alive: dict[str, float | None], *, clock: Callable[[], float] = time.monotonic,
