@@ -100,3 +100,7 @@ class ItemError(MultilaneError):
         shown = repr(item)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         super().__init__(f"for_each item {index + 1} of {count} ({shown}): {cause}")
+
+
+class RuntimeClosedError(MultilaneError):
+    """The runtime (its pool of lanes) is closed: it loads and runs nothing more."""

@@ -125,12 +125,10 @@ class Runtime:
 
     # ---- models
 
-    async def load(self, model: str) -> Lane:
-        """Load a declared model now (it stays for its keep_alive once idle)."""
+    async def load(self, model: str, *, keep_alive: str | float | None = None) -> Lane:
+        """Load a declared model now; it stays for its keep_alive (or the one given here) once idle."""
         self._check_open()
-        lane = await self._pool.lane(model)
-        self._pool.lane_changed(lane)
-        return lane
+        return await self._pool.load(model, keep_alive=_keep_alive(keep_alive))
 
     async def plan(self, model: str) -> LanePlan:
         """What loading a model would cost (weights, KV cache) and which lane it would share, loading nothing."""

@@ -136,10 +136,7 @@ async def _load_or_unload(rt: Runtime, name: str, keep_alive: str | float | None
     if seconds == 0:
         await rt.unload(name)
         return "unload"
-    lane = await rt.load(name)
-    if keep_alive is not None:
-        lane.keep_alive = seconds
-        rt.pool.lane_changed(lane)
+    await rt.load(name, keep_alive=keep_alive)
     return "load"
 
 
