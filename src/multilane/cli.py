@@ -231,13 +231,14 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
     """The loaded lanes as a table, like `ollama ps`."""
     from multilane.memory import format_bytes
 
-    header = ("NAME", "KIND", "DEVICE", "WEIGHTS", "KV", "SLOTS", "QUEUED", "CONTEXT", "LOADED", "UNTIL")
+    header = ("NAME", "KIND", "DEVICE", "DTYPE", "WEIGHTS", "KV", "SLOTS", "QUEUED", "CONTEXT", "LOADED", "UNTIL")
     table = [header]
     for row in rows:
         expires = row["expires_at"]
         until = ("forever" if expires == "forever" else "busy" if expires is None
                  else time.strftime("%H:%M:%S", time.localtime(float(expires))))
-        table.append((",".join(row["models"]), row["kind"], row["device"], format_bytes(row["weights_bytes"]),
+        table.append((",".join(row["models"]), row["kind"], row["device"], row.get("dtype") or "-",
+                      format_bytes(row["weights_bytes"]),
                       format_bytes(row["kv_bytes"]) if row["kv_bytes"] else "-", f"{row['busy']}/{row['slots']}",
                       str(row["queued"]), str(row["context"] or "-"),
                       time.strftime("%H:%M:%S", time.localtime(row["loaded_at"])), until))
