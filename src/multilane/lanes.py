@@ -507,6 +507,10 @@ class Pool:
             return within_budget and len(self._lanes) < self.max_loaded
 
         while not fits():
+            retired = [lane for lane in self._lanes.values() if lane.closed]  # dropped while we evicted
+            if retired:
+                await self._unload(retired[0], reason="retired")
+                continue
             candidates = [lane for lane in self._lanes.values() if lane.idle and not lane.pinned]
             if not candidates:
                 raise MemoryBudgetError(self._refusal(name, plan))
