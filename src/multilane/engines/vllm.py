@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -69,7 +70,7 @@ def check_capacity(model: str, capacity: KVCapacity, *, parallel: int, context: 
         "should have matched vLLM")
 
 
-def _read_capacity(llm: Any, *, context: int, planned: KVPlan | None) -> KVCapacity | None:
+def read_capacity(llm: Any, *, context: int, planned: KVPlan | None) -> KVCapacity | None:
     """vLLM's figures, synced to the client after the engine core's handshake."""
     cache = llm.vllm_config.cache_config
     blocks = int(getattr(cache, "num_gpu_blocks", 0) or 0)
@@ -110,7 +111,7 @@ def _stats_logger(stats: EngineStats) -> Any:
     return _Recorder
 
 
-def _load_failure(model: str, path: str, exc: Exception, *, context: int, parallel: int, dtype: str,
+def load_error(model: str, path: str, exc: Exception, *, context: int, parallel: int, dtype: str,
                   kv: KVPlan | None) -> EngineError:
     """A load error that names the model, its numbers and what to change, whatever vLLM said."""
     cause = str(exc)
@@ -180,16 +181,20 @@ class VLLMEngine:
         try:
             await anyio.to_thread.run_sync(build)
         except Exception as exc:
-            raise _load_failure(name, path, exc, context=context, parallel=parallel, dtype=dtype, kv=kv) from exc
+            raise load_error(name, path, exc, context=context, parallel=parallel, dtype=dtype, kv=kv) from exc
         llm = box.pop()
         engine = cls(llm, identity=identity, context=context, device=device,
                      dtype=str(llm.vllm_config.model_config.dtype).removeprefix("torch."), stats=stats,
-                     capacity=_read_capacity(llm, context=context, planned=kv))
+                     capacity=read_capacity(llm, context=context, planned=kv))
         try:
             if engine.capacity is not None:
                 check_capacity(name, engine.capacity, parallel=parallel, context=context, planned=kv)
-        except EngineError:
-            await engine.close()
+            # vLLM asks its engine core for the supported tasks at the first request, and a core that died
+            # before then never answers: that first call would wait for ever. Ask now, while it is alive.
+            await llm.get_supported_tasks()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await engine.close()
             raise
         return engine
 
@@ -257,8 +262,32 @@ class VLLMEngine:
                 # Stop reading outputs before the core goes, or the handler logs the core's exit as a death.
                 handler.cancel()
                 await asyncio.wait([handler])
+            processes = _engine_processes(box[0])
             await anyio.to_thread.run_sync(lambda: box.pop().shutdown())
+            await anyio.to_thread.run_sync(_wait_gone, processes)
         gc.collect()  # run AsyncLLM.__del__ now, not at interpreter exit when its globals are gone
+
+
+def _engine_processes(llm: Any) -> list[psutil.Process]:
+    """The engine-core processes of an AsyncLLM and their workers (vLLM's process manager lists the cores)."""
+    manager = getattr(getattr(getattr(llm, "engine_core", None), "resources", None), "engine_manager", None)
+    found: list[psutil.Process] = []
+    for proc in getattr(manager, "processes", None) or []:
+        try:
+            core = psutil.Process(proc.pid)
+            found += [core, *core.children(recursive=True)]
+        except (psutil.Error, TypeError, ValueError):
+            continue
+    return found
+
+
+def _wait_gone(processes: list[psutil.Process], timeout: float = 10.0) -> None:
+    """Wait until processes have exited; kill what is left after `timeout` (vLLM gives its core 5 s, then kills it)."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
 
 
 class _Dead(Exception):
