@@ -189,7 +189,7 @@ def _ps_url(url: str, api_key: str | None, as_json: bool) -> None:
     typer.echo(format_ps(rows))
     usage = body.get("usage")
     if usage:
-        from multilane.lanes import format_bytes
+        from multilane.memory import format_bytes
 
         budget = usage["budget_bytes"]
         typer.echo(f"\nbudget {format_bytes(budget) if budget else 'unlimited'}, in use "
@@ -230,15 +230,16 @@ def serve(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
 
 def format_ps(rows: list[dict[str, Any]]) -> str:
     """The loaded lanes as a table, like `ollama ps`."""
-    from multilane.lanes import format_bytes
+    from multilane.memory import format_bytes
 
-    header = ("NAME", "KIND", "DEVICE", "WEIGHTS", "KV", "SLOTS", "QUEUED", "CONTEXT", "LOADED", "UNTIL")
+    header = ("NAME", "KIND", "DEVICE", "DTYPE", "WEIGHTS", "KV", "SLOTS", "QUEUED", "CONTEXT", "LOADED", "UNTIL")
     table = [header]
     for row in rows:
         expires = row["expires_at"]
         until = ("forever" if expires == "forever" else "busy" if expires is None
                  else time.strftime("%H:%M:%S", time.localtime(float(expires))))
-        table.append((",".join(row["models"]), row["kind"], row["device"], format_bytes(row["weights_bytes"]),
+        table.append((",".join(row["models"]), row["kind"], row["device"], row.get("dtype") or "-",
+                      format_bytes(row["weights_bytes"]),
                       format_bytes(row["kv_bytes"]) if row["kv_bytes"] else "-", f"{row['busy']}/{row['slots']}",
                       str(row["queued"]), str(row["context"] or "-"),
                       time.strftime("%H:%M:%S", time.localtime(row["loaded_at"])), until))
@@ -250,7 +251,7 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
 
 def format_plans(spec: Any, plans: dict[str, Any], usage: dict[str, Any]) -> str:
     """What each declared model costs when loaded, against the budget."""
-    from multilane.lanes import format_bytes
+    from multilane.memory import format_bytes
 
     lines = [f"{name}: {plan.kind}, {format_bytes(plan.cost)} ({plan.arithmetic()}), keep_alive "
              f"{spec.model(name).keep_alive}" for name, plan in plans.items()]

@@ -128,3 +128,7 @@ class ReplayError(JournalError):
 
 class EvaluationError(MultilaneError):
     """An evaluation cannot run as asked: a stage it names is missing or of the wrong kind, or every question failed."""
+
+
+class RuntimeClosedError(MultilaneError):
+    """The runtime (its pool of lanes) is closed: it loads and runs nothing more."""

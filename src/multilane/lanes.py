@@ -5,6 +5,11 @@ A lane is one loaded model. Calls take one of its `parallel` slots or wait in it
 shares a lane between declared models with the same weights and settings, evicts idle lanes (soonest
 expiry first) to make room, unloads lanes whose keep-alive ran out, and refuses, with the arithmetic,
 a load that cannot fit.
+
+Every load and unload happens under one lock, and a lane stays on the books (its memory counted) until its
+engine has closed, so a load is never admitted while an old engine still holds the memory. A caller that
+has found a lane claims it at once, before it awaits anything, so the lane cannot be reaped or evicted
+between being found and taking its slot.
 """
 
 from __future__ import annotations
@@ -39,8 +44,23 @@ from multilane.errors import (
     EngineError,
     MemoryBudgetError,
     QueueFullError,
+    RuntimeClosedError,
     UnknownNameError,
 )
+from multilane.memory import KVPlan, format_bytes
+
+__all__ = [
+    "UNSET",
+    "Engine",
+    "Lane",
+    "LaneMetrics",
+    "LanePlan",
+    "Planner",
+    "Pool",
+    "Prepared",
+    "RequestObserver",
+    "format_bytes",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -64,14 +84,15 @@ class LanePlan:
     source: str
     load: Callable[[], Awaitable[Engine]]
     weights_bytes: int = 0
-    kv_bytes_per_token: int = 0
+    kv: KVPlan | None = None  # the KV cache the engine gets, in its own blocks
     parallel: int = 1
     context: int | None = None
+    dtype: str | None = None  # the dtype the engine computes in, when Multilane chooses it
 
     @property
     def kv_bytes(self) -> int:
-        """The KV cache the engine gets: parallel x context x bytes per token."""
-        return self.parallel * (self.context or 0) * self.kv_bytes_per_token
+        """The KV cache the engine gets."""
+        return self.kv.bytes if self.kv is not None else 0
 
     @property
     def cost(self) -> int:
@@ -81,9 +102,8 @@ class LanePlan:
     def arithmetic(self) -> str:
         """The cost spelled out, for error messages and ps."""
         text = f"weights {format_bytes(self.weights_bytes)}"
-        if self.kv_bytes:
-            text += (f" + KV {self.parallel} x {self.context} x {self.kv_bytes_per_token} B"
-                     f" = {format_bytes(self.kv_bytes)}")
+        if self.kv is not None and self.kv.bytes:
+            text += f" + {self.kv.arithmetic()}"
         return text
 
 
@@ -92,15 +112,6 @@ Planner = Callable[[str], Awaitable[LanePlan]]
 
 RequestObserver = Callable[[str, float | None, float], None]
 """Told of each finished call: (declared model, seconds to its first token or None, seconds in all, queue included)."""
-
-
-def format_bytes(n: float) -> str:
-    """Bytes in binary units: 23.0 KiB, 1.50 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -126,7 +137,7 @@ class LaneMetrics:
 
 
 class _LaneClosed(Exception):
-    """The lane was unloaded between finding it and taking a slot; the pool looks it up again."""
+    """The lane was retired between finding it and taking a slot; the pool looks it up again."""
 
 
 @dataclass
@@ -141,22 +152,77 @@ class Lane:
 
     def __init__(self, plan: LanePlan, engine: Engine, *, name: str, keep_alive: float | None,
                  max_queue: int, pool: Pool, load_seconds: float) -> None:
-        self.plan = plan
-        self.engine = engine
-        self.name = name
-        self.names: list[str] = [name]
-        self.kind = plan.kind
-        self.parallel = plan.parallel
-        self.keep_alive = keep_alive
-        self.max_queue = max_queue
-        self.loaded_at = time.time()
-        self.load_seconds = load_seconds
-        self.busy = 0
-        self.holds = 0  # users that need the lane kept (an index build) without taking a slot
-        self.expires_at: float | None = None  # monotonic; None while busy or when pinned
-        self.closed = False
+        self._plan = plan
+        self._engine = engine
+        self._name = name
+        self._names: list[str] = [name]
+        self._keep_alive = keep_alive
+        self._max_queue = max_queue
+        self._loaded_at = time.time()
+        self._load_seconds = load_seconds
+        self._busy = 0
+        self._claims = 0  # callers that found the lane and will use it (or hold it) without a slot yet
+        self._expires_at: float | None = None  # the pool's clock; None while in use or when pinned
+        self._closed = False
         self._queue: deque[_Waiter] = deque()
         self._pool = pool
+
+    # ---- what the lane is (read-only)
+
+    @property
+    def plan(self) -> LanePlan:
+        """How the lane was planned: source, cost, slots, context."""
+        return self._plan
+
+    @property
+    def engine(self) -> Engine:
+        """The loaded engine."""
+        return self._engine
+
+    @property
+    def name(self) -> str:
+        """The declared model that loaded the lane."""
+        return self._name
+
+    @property
+    def names(self) -> list[str]:
+        """Every declared model served by the lane (models with the same weights and settings share it)."""
+        return list(self._names)
+
+    @property
+    def kind(self) -> str:
+        """generate or embedding."""
+        return self._plan.kind
+
+    @property
+    def parallel(self) -> int:
+        """Slots: calls that run at once."""
+        return self._plan.parallel
+
+    @property
+    def loaded_at(self) -> float:
+        """Wall-clock time of the load."""
+        return self._loaded_at
+
+    @property
+    def load_seconds(self) -> float:
+        """How long the load took."""
+        return self._load_seconds
+
+    @property
+    def keep_alive(self) -> float | None:
+        """Seconds the lane stays loaded once idle; None when pinned."""
+        return self._keep_alive
+
+    @property
+    def expires_at(self) -> float | None:
+        """When the idle lane unloads, on the pool's clock; None while in use or when pinned."""
+        return self._expires_at
+
+    @property
+    def busy(self) -> int:
+        """Slots running a call."""
+        return self._busy
 
     @property
     def queued(self) -> int:
@@ -164,30 +230,37 @@ class Lane:
         return len(self._queue)
 
     @property
+    def closed(self) -> bool:
+        """The lane was unloaded (or is being unloaded): it takes no more calls."""
+        return self._closed
+
+    @property
     def idle(self) -> bool:
-        """Nothing running, waiting or holding it: the lane may be unloaded."""
-        return self.busy == 0 and not self._queue and self.holds == 0
+        """Nothing running, waiting, holding or about to use it: the lane may be unloaded."""
+        return self._busy == 0 and not self._queue and self._claims == 0
 
     @property
     def pinned(self) -> bool:
         """A pinned lane (keep_alive -1) is never evicted."""
-        return self.keep_alive is None
+        return self._keep_alive is None
 
-    async def acquire(self, keep_alive: float | None = UNSET) -> None:
+    # ---- slots
+
+    async def _acquire(self, keep_alive: float | None = UNSET) -> None:
         """Take a slot, or wait for one in FIFO order; refuse at once when the queue is full."""
-        if self.closed:
+        if self._closed:
             raise _LaneClosed
-        free = self.busy < self.parallel and not self._queue
-        if not free and len(self._queue) >= self.max_queue:
-            self._pool.metrics[self.name].rejected += 1
-            raise QueueFullError(f"lane '{self.name}' queue is full ({len(self._queue)} waiting, "
-                                 f"{self.busy} of {self.parallel} slots busy); retry later or raise "
+        free = self._busy < self.parallel and not self._queue
+        if not free and len(self._queue) >= self._max_queue:
+            self._pool.metrics[self._name].rejected += 1
+            raise QueueFullError(f"lane '{self._name}' queue is full ({len(self._queue)} waiting, "
+                                 f"{self._busy} of {self.parallel} slots busy); retry later or raise "
                                  "runtime.max_queue")
         if keep_alive is not UNSET:
-            self.keep_alive = keep_alive  # the latest admitted call's keep_alive decides, as in Ollama
-        self.expires_at = None
+            self._keep_alive = keep_alive  # the latest admitted call's keep_alive decides, as in Ollama
+        self._expires_at = None
         if free:
-            self.busy += 1
+            self._busy += 1
             return
         waiter = _Waiter()
         self._queue.append(waiter)
@@ -195,46 +268,39 @@ class Lane:
             await waiter.event.wait()
         except BaseException:
             if waiter.granted:  # the slot was handed over as we were cancelled: pass it on
-                self.release()
+                self._release()
             elif not waiter.closed:
                 self._queue.remove(waiter)
-                self._pool.lane_changed(self)
+                self._pool._lane_changed(self)
             raise
         if waiter.closed:
             raise _LaneClosed
 
-    def release(self) -> None:
+    def _release(self) -> None:
         """Free a slot: hand it straight to the longest waiter, or start the idle clock."""
         if self._queue:
             waiter = self._queue.popleft()
             waiter.granted = True
             waiter.event.set()
             return
-        self.busy -= 1
-        self._pool.lane_changed(self)
+        self._busy -= 1
+        self._pool._lane_changed(self)
 
-    def _close_queue(self) -> None:
-        """Wake every waiter so that it retries on a new lane (used when the engine died)."""
+    def _retire(self) -> None:
+        """Take no more calls; wake every waiter so that it retries on a new lane (or learns the pool closed)."""
+        self._closed = True
+        self._expires_at = None
         while self._queue:
             waiter = self._queue.popleft()
             waiter.closed = True
             waiter.event.set()
 
-    @asynccontextmanager
-    async def hold(self) -> AsyncIterator[Lane]:
-        """Keep the lane loaded for a while without taking a slot."""
-        self.holds += 1
-        self.expires_at = None
-        try:
-            yield self
-        finally:
-            self.holds -= 1
-            self._pool.lane_changed(self)
+    # ---- calls
 
     def _generate_engine(self) -> GenerateEngine:
-        if self.kind != "generate" or not isinstance(self.engine, GenerateEngine):
-            raise EngineError(f"model '{self.name}' is an embedding model; it cannot generate text")
-        return self.engine
+        if self.kind != "generate" or not isinstance(self._engine, GenerateEngine):
+            raise EngineError(f"model '{self._name}' is an embedding model; it cannot generate text")
+        return self._engine
 
     async def prepare(self, messages: Sequence[Message] | str, max_tokens: int, *,
                       truncate: bool = False) -> Prepared:
@@ -244,21 +310,30 @@ class Lane:
         """
         engine = self._generate_engine()
         if isinstance(engine, PreparingEngine):
-            prompt = await engine.prepare(messages, max_tokens, truncate=truncate, model=self.name)
+            prompt = await engine.prepare(messages, max_tokens, truncate=truncate, model=self._name)
             return Prepared(prompt, prompt.tokens)
         if not isinstance(engine, TokenizingEngine):
-            raise EngineError(f"model '{self.name}': its engine has neither a tokenizer nor a prepare method")
+            raise EngineError(f"model '{self._name}': its engine has neither a tokenizer nor a prepare method")
         ids = engine.encode(messages if isinstance(messages, str) else engine.render(messages))
         room = engine.context - max_tokens
         if len(ids) > room:
             if not truncate or room <= 0:
                 raise ContextLengthError(
-                    f"model '{self.name}': prompt of {len(ids)} tokens + max_tokens {max_tokens} = "
+                    f"model '{self._name}': prompt of {len(ids)} tokens + max_tokens {max_tokens} = "
                     f"{len(ids) + max_tokens} tokens, more than its context of {engine.context} tokens; shorten the "
                     "prompt, lower max_tokens, raise the model's context, or set truncate: true")
-            log.warning("prompt truncated", model=self.name, tokens=len(ids), kept=room)
+            log.warning("prompt truncated", model=self._name, tokens=len(ids), kept=room)
             ids = ids[len(ids) - room:]  # keep the end: the question and the generation prompt
         return Prepared(ids, len(ids))
+
+    def _count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens of texts with the lane's own tokenizer (blocking: run it in a worker thread)."""
+        engine = self._engine
+        if isinstance(engine, EmbeddingEngine):
+            return sum(len(engine.token_spans(text)) for text in texts)
+        if isinstance(engine, TokenizingEngine):
+            return sum(len(engine.encode(text)) for text in texts)
+        raise EngineError(f"model '{self._name}': its engine cannot count tokens locally")
 
     async def _stream_in_slot(self, prompt: Prepared, options: SamplingOptions,
                               model: str, started: float) -> AsyncGenerator[Chunk, None]:
@@ -266,7 +341,7 @@ class Lane:
         metrics.requests += 1
         prompt_tokens = prompt.tokens or 0
         metrics.prompt_tokens += prompt_tokens
-        request_id = f"{self.name}-{self._pool.next_request_id()}"
+        request_id = f"{self._name}-{self._pool.next_request_id()}"
         chunks = self._generate_engine().stream(prompt.payload, options, request_id)
         first: float | None = None
         try:
@@ -298,12 +373,13 @@ class Pool:
         self.max_loaded = max_loaded
         self.max_queue = max_queue
         self._clock = clock
-        self._lanes: dict[Hashable, Lane] = {}
-        self._by_name: dict[str, Lane] = {}
+        self._lanes: dict[Hashable, Lane] = {}  # on the books: loaded, or retired with the engine still closing
+        self._by_name: dict[str, Lane] = {}  # lanes that take calls
         self._plans: dict[str, LanePlan] = {}
-        self._load_lock = anyio.Lock()
+        self._load_lock = anyio.Lock()  # every load and unload holds it
         self._wake = anyio.Event()
         self._requests = 0
+        self._closed = False
         self.metrics: dict[str, LaneMetrics] = {name: LaneMetrics() for name in models}
         self.observers: list[RequestObserver] = []  # e.g. the HTTP server's latency histograms
 
@@ -317,6 +393,20 @@ class Pool:
         self._requests += 1
         return self._requests
 
+    @property
+    def closed(self) -> bool:
+        """The pool was closed: it loads and runs nothing more."""
+        return self._closed
+
+    def _check_open(self, name: str) -> None:
+        if self._closed:
+            raise RuntimeClosedError(f"model '{name}': the runtime is closed (shutting down or shut down) and "
+                                     "runs nothing more; open a new Runtime")
+
+    def _check_declared(self, name: str) -> None:
+        if name not in self._models:
+            raise UnknownNameError(f"unknown model '{name}' (declared: {', '.join(self._models)})")
+
     # ---- finding and loading lanes
 
     def loaded(self, name: str) -> Lane | None:
@@ -325,52 +415,79 @@ class Pool:
 
     async def lane(self, name: str) -> Lane:
         """The lane of a declared model, loading it first (and evicting idle lanes) if needed."""
-        lane = self._by_name.get(name)
-        if lane is not None:
-            return lane
-        if name not in self._models:
-            raise UnknownNameError(f"unknown model '{name}' (declared: {', '.join(self._models)})")
-        async with self._load_lock:  # one load at a time: loads compete for the same memory and cores
-            lane = self._by_name.get(name)
-            if lane is None:
-                lane = await self._load(name)
+        lane = await self._claim(name)
+        self._unclaim(lane)
+        return lane
+
+    async def load(self, name: str, *, keep_alive: float | None = UNSET) -> Lane:
+        """Load a declared model now, and (when given) set its lane's keep-alive; the idle clock starts now."""
+        lane = await self._claim(name)
+        if keep_alive is not UNSET:
+            lane._keep_alive = keep_alive
+        self._unclaim(lane)
         return lane
 
     async def plan(self, name: str) -> LanePlan:
         """What loading a declared model would cost (its source is resolved, and prepared, once)."""
-        if name not in self._models:
-            raise UnknownNameError(f"unknown model '{name}' (declared: {', '.join(self._models)})")
+        self._check_declared(name)
         plan = self._plans.get(name)
         if plan is None:
             plan = self._plans[name] = await self._planner(name)
         return plan
 
+    async def _claim(self, name: str) -> Lane:
+        """The lane of a model, claimed so that nothing unloads it until `_unclaim`; loads it when needed."""
+        self._check_open(name)
+        lane = self._by_name.get(name)
+        if lane is None:
+            self._check_declared(name)
+            async with self._load_lock:  # one load at a time: loads compete for the same memory and cores
+                self._check_open(name)
+                lane = self._by_name.get(name)
+                if lane is None:
+                    lane = await self._load(name)
+                lane._claims += 1  # before the lock is released: the reaper takes the lock to unload
+                return lane
+        lane._claims += 1
+        return lane
+
+    def _unclaim(self, lane: Lane) -> None:
+        lane._claims -= 1
+        self._lane_changed(lane)
+
     async def _load(self, name: str) -> Lane:
+        """Load a model's lane (the load lock is held)."""
         plan = await self.plan(name)
+        await self._flush_retired()
         shared = self._lanes.get(plan.key)
         if shared is not None:  # same weights and settings as a loaded lane: share it
-            shared.names.append(name)
+            shared._names.append(name)
             self._by_name[name] = shared
             if self._models[name][1] is None:
-                shared.keep_alive = None
-                shared.expires_at = None  # an idle lane's running expiry would otherwise still reap it
+                shared._keep_alive = None
+                shared._expires_at = None  # an idle lane's running expiry would otherwise still reap it
             log.info("lane shared", model=name, lane=shared.name)
             return shared
         await self._make_room(name, plan)
-        started = self._clock()
+        self._check_open(name)  # the pool may have begun closing while room was made
         t0 = time.perf_counter()
-        engine = await plan.load()
-        seconds = time.perf_counter() - t0
-        lane = Lane(plan, engine, name=name, keep_alive=self._models[name][1], max_queue=self.max_queue,
-                    pool=self, load_seconds=seconds)
-        self._lanes[plan.key] = lane
-        self._by_name[name] = lane
+        # A load runs to its end even when its caller is cancelled, and its lane goes on the books at once:
+        # an engine abandoned half-way would keep its process and memory with nobody to close it.
+        with anyio.CancelScope(shield=True):
+            engine = await plan.load()
+            if self._closed:  # closed during the load: close() waits for us, and nothing may outlive it
+                await engine.close()
+                self._check_open(name)
+            seconds = time.perf_counter() - t0
+            lane = Lane(plan, engine, name=name, keep_alive=self._models[name][1], max_queue=self.max_queue,
+                        pool=self, load_seconds=seconds)
+            self._lanes[plan.key] = lane
+            self._by_name[name] = lane
         metrics = self.metrics[name]
         metrics.loads += 1
         metrics.load_seconds += seconds
-        log.info("lane loaded", model=name, seconds=round(seconds, 2), cost=plan.arithmetic(),
-                 started=started)
-        self.lane_changed(lane)
+        log.info("lane loaded", model=name, seconds=round(seconds, 2), cost=plan.arithmetic())
+        self._lane_changed(lane)
         return lane
 
     def _in_use(self) -> int:
@@ -390,6 +507,10 @@ class Pool:
             return within_budget and len(self._lanes) < self.max_loaded
 
         while not fits():
+            retired = [lane for lane in self._lanes.values() if lane.closed]  # dropped while we evicted
+            if retired:
+                await self._unload(retired[0], reason="retired")
+                continue
             candidates = [lane for lane in self._lanes.values() if lane.idle and not lane.pinned]
             if not candidates:
                 raise MemoryBudgetError(self._refusal(name, plan))
@@ -412,38 +533,58 @@ class Pool:
                 f"that cannot be evicted: {held}; {format_bytes(in_use + plan.cost)} would exceed it. Retry "
                 "later, raise runtime.memory_budget, lower parallel or context, or unload a model")
 
+    # ---- unloading
+
+    def _retire(self, lane: Lane) -> None:
+        """Stop routing calls to a lane; it stays on the books until `_unload` has closed its engine."""
+        lane._retire()
+        for name in lane.names:
+            if self._by_name.get(name) is lane:
+                del self._by_name[name]
+
+    async def _unload(self, lane: Lane, *, reason: str) -> None:
+        """Retire a lane, close its engine, then take it off the books (the load lock is held)."""
+        self._retire(lane)
+        if self._lanes.get(lane.plan.key) is not lane:
+            return  # already unloaded
+        log.info("lane unloaded", model=lane.name, reason=reason)
+        with anyio.CancelScope(shield=True):
+            try:
+                await lane.engine.close()
+            except Exception as exc:  # a failing close must not keep the lane on the books for ever
+                log.error("engine close failed", model=lane.name, error=str(exc))
+        del self._lanes[lane.plan.key]  # only now is its memory free for another load
+        self._wake.set()
+
+    async def _flush_retired(self) -> None:
+        """Finish unloading lanes that were retired (an engine death) but are still on the books."""
+        for lane in [lane for lane in self._lanes.values() if lane.closed]:
+            await self._unload(lane, reason="retired")
+
     async def unload(self, name: str) -> bool:
         """Unload a model's lane now if idle, else as soon as it goes idle; False if it was not loaded."""
         lane = self._by_name.get(name)
         if lane is None:
             return False
-        lane.keep_alive = 0.0
+        lane._keep_alive = 0.0
         if lane.idle:
-            await self._unload(lane, reason="unloaded on request")
+            with anyio.CancelScope(shield=True):
+                async with self._load_lock:
+                    if lane.idle:
+                        await self._unload(lane, reason="unloaded on request")
+        else:
+            self._lane_changed(lane)
         return True
-
-    async def _unload(self, lane: Lane, *, reason: str) -> None:
-        if lane.closed:
-            return
-        lane.closed = True
-        self._lanes.pop(lane.plan.key, None)
-        for name in lane.names:
-            self._by_name.pop(name, None)
-        log.info("lane unloaded", model=lane.name, reason=reason)
-        with anyio.CancelScope(shield=True):
-            try:
-                await lane.engine.close()
-            except Exception as exc:  # a failing close must not keep the lane's memory counted
-                log.error("engine close failed", model=lane.name, error=str(exc))
-        self._wake.set()
 
     async def drop(self, lane: Lane, *, reason: str) -> None:
         """Drop a lane whose engine died: its waiters retry on a fresh lane, loaded on the next call."""
         if lane.closed:
             return
         log.error("lane dropped", model=lane.name, reason=reason)
-        lane._close_queue()
-        await self._unload(lane, reason=reason)
+        self._retire(lane)
+        with anyio.CancelScope(shield=True):
+            async with self._load_lock:
+                await self._unload(lane, reason=reason)
 
     # ---- using lanes
 
@@ -451,23 +592,28 @@ class Pool:
                       check: Callable[[Lane], Awaitable[Any]] | None = None) -> tuple[Lane, Any]:
         """A lane of the model with one of its slots taken (the caller releases it), and what `check` said.
 
-        `check` runs before the call queues, so a request that can never run fails at once.
+        `check` runs before the call queues, so a request that can never run fails at once. The lane is
+        claimed from the moment it is found, so neither the reaper nor an eviction can take it meanwhile.
         """
         while True:
-            lane = await self.lane(name)
-            checked = await check(lane) if check is not None else None
+            lane = await self._claim(name)
             try:
-                await lane.acquire(keep_alive)
+                checked = await check(lane) if check is not None else None
+                await lane._acquire(keep_alive)
             except _LaneClosed:
-                continue  # unloaded under us (idle eviction or engine death): look it up again
+                continue  # retired under us (engine death, or the pool closing): look it up again
+            finally:
+                self._unclaim(lane)
             return lane, checked
 
     @asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[Lane]:
         """Keep a model's lane loaded (not evicted) for the duration, without taking a slot."""
-        lane = await self.lane(name)
-        async with lane.hold():
+        lane = await self._claim(name)
+        try:
             yield lane
+        finally:
+            self._unclaim(lane)
 
     async def stream(self, name: str, messages: Sequence[Message] | str, options: SamplingOptions, *,
                      truncate: bool = False, keep_alive: float | None = UNSET) -> AsyncGenerator[Chunk, None]:
@@ -480,7 +626,7 @@ class Pool:
                 async for chunk in chunks:
                     yield chunk
         finally:
-            lane.release()
+            lane._release()
 
     async def generate(self, name: str, messages: Sequence[Message] | str, options: SamplingOptions, *,
                        truncate: bool = False, keep_alive: float | None = UNSET) -> Completion:
@@ -507,14 +653,22 @@ class Pool:
                 await self.drop(lane, reason="engine died")
                 raise
         finally:
-            lane.release()
+            lane._release()
+
+    async def count_tokens(self, name: str, texts: Sequence[str]) -> int:
+        """How many tokens texts make in a model's own tokenizer, counted in a worker thread, off the event loop.
+
+        The lane is held (loaded if needed) while it counts, without taking a slot.
+        """
+        async with self.hold(name) as lane:
+            return await anyio.to_thread.run_sync(lane._count_tokens, list(texts))
 
     # ---- keep-alive
 
-    def lane_changed(self, lane: Lane) -> None:
+    def _lane_changed(self, lane: Lane) -> None:
         """Start the idle clock of a lane that just went idle, and wake the reaper."""
         if lane.idle and not lane.closed:
-            lane.expires_at = None if lane.keep_alive is None else self._clock() + lane.keep_alive
+            lane._expires_at = None if lane.keep_alive is None else self._clock() + lane.keep_alive
         self._wake.set()
 
     async def reap_forever(self) -> None:
@@ -523,19 +677,24 @@ class Pool:
             self._wake = anyio.Event()
             await self.reap()
             expiries = [lane.expires_at for lane in self._lanes.values()
-                        if lane.idle and lane.expires_at is not None]
+                        if lane.idle and not lane.closed and lane.expires_at is not None]
             delay = max(0.0, min(expiries) - self._clock()) if expiries else None
             with anyio.move_on_after(delay):
                 await self._wake.wait()
+
+    def _expired(self, lane: Lane, now: float) -> bool:
+        return (lane.idle and not lane.pinned and not lane.closed and lane.expires_at is not None
+                and lane.expires_at <= now)
 
     async def reap(self) -> None:
         """Unload every idle lane whose keep-alive has run out."""
         now = self._clock()
         for lane in list(self._lanes.values()):
-            if lane.idle and not lane.pinned and lane.expires_at is not None and lane.expires_at <= now:
-                async with self._load_lock:  # never unload in the middle of a load's arithmetic
-                    if lane.idle and not lane.closed and lane.expires_at is not None and lane.expires_at <= now:
-                        await self._unload(lane, reason=f"idle for {format_duration(lane.keep_alive)}")
+            if self._expired(lane, now):
+                with anyio.CancelScope(shield=True):
+                    async with self._load_lock:  # never unload in the middle of a load's arithmetic
+                        if self._expired(lane, now):
+                            await self._unload(lane, reason=f"idle for {format_duration(lane.keep_alive)}")
 
     # ---- reporting
 
@@ -544,16 +703,23 @@ class Pool:
         now_wall, now = time.time(), self._clock()
         rows = []
         for lane in self._lanes.values():
+            if lane.closed:
+                continue  # being unloaded
             if lane.pinned:
                 expires: str | float | None = "forever"
             elif lane.expires_at is None:
                 expires = None  # busy: the clock starts when it goes idle
             else:
                 expires = now_wall + (lane.expires_at - now)
+            kv = lane.plan.kv
             rows.append({
-                "name": lane.name, "models": list(lane.names), "source": lane.plan.source, "kind": lane.kind,
-                "device": getattr(lane.engine, "device", "cpu"), "weights_bytes": lane.plan.weights_bytes,
-                "kv_bytes": lane.plan.kv_bytes, "busy": lane.busy, "slots": lane.parallel,
+                "name": lane.name, "models": lane.names, "source": lane.plan.source, "kind": lane.kind,
+                "device": getattr(lane.engine, "device", "cpu"),
+                "dtype": getattr(lane.engine, "dtype", None) or lane.plan.dtype,
+                "weights_bytes": lane.plan.weights_bytes, "kv_bytes": lane.plan.kv_bytes,
+                "kv_blocks": kv.blocks if kv is not None else None,
+                "kv_block_size": kv.block_size if kv is not None else None,
+                "cost": lane.plan.arithmetic(), "busy": lane.busy, "slots": lane.parallel,
                 "queued": lane.queued, "context": lane.plan.context, "loaded_at": lane.loaded_at,
                 "expires_at": expires, "keep_alive": format_duration(lane.keep_alive),
             })
@@ -565,8 +731,15 @@ class Pool:
                 "max_loaded_models": self.max_loaded}
 
     async def close(self) -> None:
-        """Unload every lane, even while being cancelled."""
+        """Refuse new calls, wake queued ones (they fail with RuntimeClosedError) and unload every lane.
+
+        Waits for a load in progress and closes its engine too, even while being cancelled: nothing the
+        pool started is left running.
+        """
+        self._closed = True
+        for lane in list(self._lanes.values()):
+            self._retire(lane)
         with anyio.CancelScope(shield=True):
-            for lane in list(self._lanes.values()):
-                lane._close_queue()
-                await self._unload(lane, reason="runtime closed")
+            async with self._load_lock:
+                for lane in list(self._lanes.values()):
+                    await self._unload(lane, reason="runtime closed")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import socket
@@ -17,23 +16,23 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
-import psutil
 import structlog
 
 from multilane.durations import parse_duration
-from multilane.engines.base import Chunk, Completion, EmbeddingEngine, GenerateEngine, Message, SamplingOptions
+from multilane.engines.base import Chunk, Completion, EmbeddingEngine, Message, SamplingOptions
 from multilane.errors import EngineError, JournalError, MultilaneError, ResumeError, UnknownNameError
 from multilane.evaluation.dataset import GoldSet
 from multilane.journal import CacheCounts, CacheLayer, Journal, JournalLayer, LoadedRun, ReplayLayer, ResumeLayer
 from multilane.journal import journal_path as spec_journal_path
 from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
 from multilane.pipeline.executor import RunEvent, RunResult, execute
+from multilane.planning import EngineFactory, auto_budget, has_gpu, plan_model, plan_with_factory
 from multilane.progress import ProgressCallback, ProgressUpdate, reporting, step
 from multilane.progress import current as current_progress
 from multilane.project import load_spec
 from multilane.retrieval import OpenedIndex, open_index
-from multilane.sources import multilane_home, resolve_source
-from multilane.spec import ModelSpec, PipelineSpec, Spec
+from multilane.sources import multilane_home
+from multilane.spec import PipelineSpec, Spec
 from multilane.steps import Codec, Layer, Scope, canonical_json
 
 if TYPE_CHECKING:
@@ -42,101 +41,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-EngineFactory = Callable[[str, Spec], Awaitable[Engine]]
-"""Makes the engine of a declared model (name, spec): the hook for fake engines in tests."""
-
-CPU_BUDGET_SHARE = 0.8  # of available RAM, when memory_budget is auto on the CPU
-GPU_BUDGET_SHARE = 0.9  # of free GPU memory, when memory_budget is auto on a GPU
-
-
-def auto_budget(*, gpu: bool) -> int:
-    """A safe share of free GPU memory, or of available RAM on the CPU."""
-    if gpu:
-        import torch
-
-        free, _total = torch.cuda.mem_get_info()
-        return int(free * GPU_BUDGET_SHARE)
-    return int(psutil.virtual_memory().available * CPU_BUDGET_SHARE)
-
-
-def _settings_key(model: ModelSpec) -> str:
-    """The engine settings that must match for two declared models to share a lane."""
-    return json.dumps({"kind": model.kind, "context": model.context, "parallel": model.parallel,
-                       "dtype": model.dtype, "batch_size": model.batch_size, "batch_wait": model.batch_wait,
-                       "engine": model.engine},
-                      sort_keys=True, default=str)
-
-
-def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin"))
-
-
-async def plan_model(name: str, spec: Spec) -> LanePlan:
-    """Work out a model's lane: its engine (vLLM, sentence-transformers or remote), its cost and how to load it."""
-    model = spec.model(name)
-    options = dict(model.engine)
-    engine_kind = options.pop("kind", "local")
-    if engine_kind == "remote":
-        return _plan_remote(name, spec)
-    if engine_kind not in ("local", "vllm"):
-        raise spec.error(f"unknown engine kind '{engine_kind}' (kinds: vllm, remote)",
-                         ("models", name, "engine", "kind"))
-    source = model.source
-    assert source is not None  # only a remote model may leave it out, and the spec checks that
-    prepared = await anyio.to_thread.run_sync(lambda: resolve_source(source, base_dir=spec.base_dir))
-    key = (prepared.identity, _settings_key(model))
-    path = str(prepared.path)
-    if model.kind == "embedding":
-        from multilane.engines.sentence_transformers import SentenceTransformerEngine
-
-        async def load_embedding() -> Engine:
-            return await SentenceTransformerEngine.load(path, identity=prepared.identity,
-                                                        batch_size=model.batch_size,
-                                                        batch_wait=model.batch_wait_seconds)
-
-        weights = await anyio.to_thread.run_sync(_weights_bytes, prepared.path)
-        return LanePlan(key, "embedding", source, load_embedding, weights_bytes=weights,
-                        parallel=model.parallel)
-
-    from multilane.engines.vllm import VLLMEngine
-    from multilane.memory import footprint
-
-    context = model.context or 2048
-    cost = footprint(prepared.path, model.dtype)
-    # With tensor or pipeline parallelism each GPU holds its share of weights and KV cache: budget per GPU.
-    shards = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
-
-    async def load_generate() -> Engine:
-        return await VLLMEngine.load(path, identity=prepared.identity, context=context, parallel=model.parallel,
-                                     dtype=model.dtype, kv_cache_bytes=plan.kv_bytes, options=options)
-
-    plan = LanePlan(key, "generate", source, load_generate, weights_bytes=-(-cost.weights_bytes // shards),
-                    kv_bytes_per_token=-(-cost.kv_bytes_per_token // shards), parallel=model.parallel,
-                    context=context)
-    return plan
-
-
-def _plan_remote(name: str, spec: Spec) -> LanePlan:
-    """A lane on an OpenAI-compatible server: it costs no local memory; slots and the queue still apply."""
-    from multilane.engines.remote import RemoteEmbeddingEngine, RemoteGenerateEngine, RemoteSettings
-
-    model = spec.model(name)
-    try:
-        settings = RemoteSettings.from_options(model.engine, default_model=name)
-    except EngineError as exc:
-        raise spec.error(str(exc), ("models", name, "engine")) from None
-    key = ("remote", settings.url, settings.served_model, _settings_key(model))
-    source = f"{settings.url}#{settings.served_model}"
-    if model.kind == "embedding":
-        async def load_embedding() -> Engine:
-            return await RemoteEmbeddingEngine.load(settings)
-
-        return LanePlan(key, "embedding", source, load_embedding, parallel=model.parallel)
-
-    async def load_generate() -> Engine:
-        return await RemoteGenerateEngine.load(settings, context=model.context)
-
-    return LanePlan(key, "generate", source, load_generate, parallel=model.parallel, context=model.context)
 
 
 class _LaneEmbedder:
@@ -215,7 +119,7 @@ class Runtime:
 
     async def __aenter__(self) -> Runtime:
         if self._pool.budget_bytes is None:
-            self._pool.budget_bytes = auto_budget(gpu=self._engine_factory is None and _has_gpu())
+            self._pool.budget_bytes = auto_budget(gpu=self._engine_factory is None and has_gpu())
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._pool.reap_forever)
@@ -285,29 +189,14 @@ class Runtime:
     async def _plan_lane(self, name: str) -> LanePlan:
         if self._engine_factory is None:
             return await plan_model(name, self.spec)
-        model = self.spec.model(name)
-        factory = self._engine_factory
-
-        async def load() -> Engine:
-            engine = await factory(name, self.spec)
-            expected = EmbeddingEngine if model.kind == "embedding" else GenerateEngine
-            if not isinstance(engine, expected):
-                await engine.close()
-                raise EngineError(f"the engine made for model '{name}' is not a {model.kind} engine")
-            return engine
-
-        source = model.source or name  # a remote model may have no source
-        return LanePlan((source, _settings_key(model)), model.kind, source, load,
-                        parallel=model.parallel, context=model.context)
+        return plan_with_factory(name, self.spec, self._engine_factory)
 
     # ---- models
 
-    async def load(self, model: str) -> Lane:
-        """Load a declared model now (it stays for its keep_alive once idle)."""
+    async def load(self, model: str, *, keep_alive: str | float | None = None) -> Lane:
+        """Load a declared model now; it stays for its keep_alive (or the one given here) once idle."""
         self._check_open()
-        lane = await self._pool.lane(model)
-        self._pool.lane_changed(lane)
-        return lane
+        return await self._pool.load(model, keep_alive=_keep_alive(keep_alive))
 
     async def plan(self, model: str) -> LanePlan:
         """What loading a model would cost (weights, KV cache) and which lane it would share, loading nothing."""
@@ -598,11 +487,3 @@ def _keep_alive(value: str | float | None) -> Any:
         return parse_duration(value)
     except ValueError as exc:
         raise MultilaneError(f"keep_alive: {exc}") from exc
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())

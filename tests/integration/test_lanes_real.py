@@ -50,7 +50,10 @@ async def test_two_generate_models_and_the_embedder_stay_resident_and_serve_at_o
     rows = {row["name"]: row for row in together.ps()}
     assert set(rows) == {"embedder", "smol", "gemma"}
     assert rows["embedder"]["expires_at"] == "forever"
-    assert rows["smol"]["kv_bytes"] == 4 * 1024 * 23040  # parallel x context x bytes per token (SmolLM2)
+    # The KV cache in vLLM's 128-token blocks: 4 sequences of 8 blocks, plus the one vLLM keeps for itself.
+    assert rows["smol"]["kv_blocks"] == 4 * 8 + 1 and rows["smol"]["kv_block_size"] == 128
+    assert rows["smol"]["kv_bytes"] == (await together.plan("smol")).kv_bytes
+    assert rows["smol"]["kv_bytes"] == 33 * 128 * 23040 * (1 if rows["smol"]["dtype"] == "bfloat16" else 2)
     assert rows["gemma"]["weights_bytes"] > rows["smol"]["weights_bytes"]
     assert rows["smol"]["slots"] == 4 and rows["smol"]["busy"] == 0
     assert together.pool.metrics["smol"].loads == 1 and together.pool.metrics["gemma"].loads == 1
@@ -104,7 +107,9 @@ async def test_a_killed_engine_fails_its_call_clearly_and_the_lane_reloads(toget
     assert together.pool.metrics["smol"].failures == 1
 
 
-async def test_a_budget_for_one_generate_model_evicts_and_reloads_visibly_in_ps() -> None:
+async def test_a_budget_for_one_generate_model_evicts_and_reloads_visibly_in_ps(together: Runtime) -> None:
+    for name in ("smol", "gemma"):  # no more than two vLLM engines at once on a small machine
+        await together.unload(name)
     probe = parse_spec(MODELS)
     async with Runtime(probe) as sizing:
         smol, gemma, embedder = [await sizing.plan(name) for name in ("smol", "gemma", "embedder")]

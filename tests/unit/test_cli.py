@@ -66,7 +66,8 @@ def fake_models(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
                 return FakeEmbeddingEngine()
             return FakeGenerateEngine("Lava is surface magma.")
 
-        return LanePlan((name,), model.kind, model.source, load, parallel=model.parallel, context=model.context)
+        return LanePlan((name,), model.kind, model.source, load, parallel=model.parallel, context=model.context,
+                        dtype="float32" if model.kind == "generate" else None)
 
     monkeypatch.setattr(multilane.runtime, "plan_model", plan_fake)
     return loads
@@ -248,8 +249,8 @@ def test_ps_shows_the_loaded_lane_and_every_models_cost(cli: CliRunner, tmp_path
 
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:3] == ["NAME", "KIND", "DEVICE"]
-    assert lines[1].split()[:2] == ["assistant", "generate"]
+    assert lines[0].split()[:4] == ["NAME", "KIND", "DEVICE", "DTYPE"]
+    assert lines[1].split()[:4] == ["assistant", "generate", "cpu", "float32"]
     assert "0/8" in lines[1]  # slots busy/total: parallel defaults to 8
     assert any(line.startswith("embedder: embedding") for line in lines)
     assert "1 of 3 lanes loaded" in result.stdout

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import cast
 
@@ -15,10 +15,12 @@ from multilane.errors import (
     ContextLengthError,
     EngineDeadError,
     MemoryBudgetError,
+    MultilaneError,
     QueueFullError,
     UnknownNameError,
 )
 from multilane.lanes import Engine, LanePlan, Pool
+from multilane.memory import KVPlan
 from multilane.testing import FakeGenerateEngine
 
 pytestmark = pytest.mark.anyio
@@ -45,8 +47,11 @@ class Planner:
 
     def __init__(self, costs: dict[str, int], *, keys: dict[str, str] | None = None, parallel: int = 2,
                  context: int = 2048, kv_bytes_per_token: int = 0, load_delay: float = 0.0,
-                 make_engine: Callable[[], FakeGenerateEngine] = FakeGenerateEngine) -> None:
+                 make_engine: Callable[[], FakeGenerateEngine] = FakeGenerateEngine,
+                 load_gate: anyio.Event | None = None, max_loads: int = 100) -> None:
         self.costs = costs
+        self.load_gate = load_gate  # when given, every load waits for it
+        self.max_loads = max_loads  # a runaway reload loop fails here instead of spinning for ever
         self.keys = keys or {}
         self.parallel = parallel
         self.context = context
@@ -70,15 +75,19 @@ class Planner:
             self.max_loading = max(self.max_loading, self.loading)
             try:
                 await anyio.sleep(self.load_delay)
+                if self.load_gate is not None:
+                    await self.load_gate.wait()
+                if sum(len(engines) for engines in self.engines.values()) >= self.max_loads:
+                    raise RuntimeError(f"more than {self.max_loads} loads: a reload loop")
                 engine = self.make_engine()
                 self.engines.setdefault(name, []).append(engine)
                 return engine
             finally:
                 self.loading -= 1
 
+        kv = KVPlan.per_token(self.parallel, self.context, self.kv_bytes_per_token) if self.kv_bytes_per_token else None
         return LanePlan(key=("k", self.keys.get(name, name)), kind="generate", source=f"fake:{name}", load=load,
-                        weights_bytes=self.costs[name], kv_bytes_per_token=self.kv_bytes_per_token,
-                        parallel=self.parallel, context=self.context)
+                        weights_bytes=self.costs[name], kv=kv, parallel=self.parallel, context=self.context)
 
 
 def make_pool(planner: Planner, keep_alive: dict[str, float | None], *, clock: Callable[[], float] = time.monotonic,
@@ -645,3 +654,226 @@ async def test_truncate_cuts_a_long_prompt_to_fit_the_context() -> None:
 
     assert done.text == "fake reply"
     assert done.prompt_tokens == 16  # the context of 20 minus max_tokens 4
+
+
+# ---- races: each of these tests failed before its fix
+
+
+class _Ids(list[int]):
+    """Token ids a preparing engine returns, with their count."""
+
+    @property
+    def tokens(self) -> int:
+        return len(self)
+
+
+class PreparingEngine(FakeGenerateEngine):
+    """A fake that prepares prompts with an async call, as a remote engine does with /tokenize."""
+
+    def __init__(self, gate: anyio.Event | None = None) -> None:
+        super().__init__()
+        self.gate = gate
+        self.preparing = anyio.Event()
+
+    async def prepare(self, prompt: list[Message] | str, max_tokens: int, *, truncate: bool, model: str) -> _Ids:
+        self.preparing.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        text = prompt if isinstance(prompt, str) else self.render(prompt)
+        return _Ids(self.encode(text))
+
+
+class SlowClosing(FakeGenerateEngine):
+    """A fake whose close waits for a gate, as a vLLM engine core takes seconds to exit."""
+
+    def __init__(self, gate: anyio.Event) -> None:
+        super().__init__()
+        self.gate = gate
+        self.closing = anyio.Event()
+
+    async def close(self) -> None:
+        self.closing.set()
+        await self.gate.wait()
+        await super().close()
+
+
+async def test_a_keep_alive_zero_lane_is_not_reaped_while_its_caller_prepares_the_prompt() -> None:
+    # Before: the lane counted as idle during prepare; the reaper unloaded it, the caller reloaded it, and so on.
+    gate = anyio.Event()
+    planner = Planner({"a": 100}, make_engine=lambda: PreparingEngine(gate), max_loads=5)
+    pool = make_pool(planner, {"a": 0.0})
+    results: list[Completion] = []
+
+    async def call() -> None:
+        results.append(await pool.generate("a", HI, SHORT))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pool.reap_forever)
+        tg.start_soon(call)
+        await until(lambda: planner.loads("a") == 1)
+        engine = cast(PreparingEngine, planner.engine("a"))
+        await engine.preparing.wait()
+        await anyio.wait_all_tasks_blocked()  # the reaper has had every chance to run
+        assert not engine.closed
+        gate.set()
+        await until(lambda: bool(results))
+        await until(lambda: pool.loaded("a") is None)  # idle at last: keep_alive 0 unloads it
+        tg.cancel_scope.cancel()
+
+    assert results[0].text == "fake reply"
+    assert planner.loads("a") == 1
+    assert engine.closed
+
+
+async def test_a_lane_whose_caller_prepares_its_prompt_is_not_evicted_to_make_room() -> None:
+    gate = anyio.Event()
+    made: list[PreparingEngine] = []
+
+    def make() -> PreparingEngine:  # the first engine (model a) waits in prepare, later ones do not
+        made.append(PreparingEngine(gate if not made else None))
+        return made[-1]
+
+    planner = Planner({"a": 100, "b": 100}, make_engine=make, max_loads=5)
+    pool = make_pool(planner, {"a": 300.0, "b": 300.0}, max_loaded=1)
+    results: list[Completion] = []
+
+    async def call_a() -> None:
+        results.append(await pool.generate("a", HI, SHORT))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call_a)
+        await until(lambda: bool(made))
+        await made[0].preparing.wait()
+        with pytest.raises(MemoryBudgetError, match=r"a \(busy"):
+            await pool.generate("b", HI, SHORT)
+        assert not made[0].closed
+        gate.set()
+
+    assert [r.text for r in results] == ["fake reply"]
+    assert planner.loads("a") == 1 and planner.loads("b") == 0
+
+
+async def test_closing_the_pool_fails_queued_calls_with_a_named_error_and_loads_nothing_after() -> None:
+    # Before: close woke the queued call, which loaded a new engine that nothing ever closed.
+    planner = Planner({"a": 100}, parallel=1, max_loads=5)
+    pool = make_pool(planner, {"a": 300.0})
+    failures: list[Exception] = []
+
+    async def queued() -> None:
+        try:
+            await pool.generate("a", HI, SHORT)
+        except MultilaneError as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        async with running(pool, "a"):
+            tg.start_soon(queued)
+            await anyio.wait_all_tasks_blocked()
+            assert row(pool, "a")["queued"] == 1
+            await pool.close()
+            await anyio.wait_all_tasks_blocked()
+
+    assert len(failures) == 1 and "closed" in str(failures[0])
+    with pytest.raises(MultilaneError, match=r"model 'a'.*closed"):
+        await pool.generate("a", HI, SHORT)
+    assert planner.loads("a") == 1
+    assert all(engine.closed for engine in planner.engines["a"])
+
+
+async def test_close_waits_for_a_load_in_progress_and_closes_its_engine() -> None:
+    # As after an engine death: a queued call is reloading the lane when the runtime closes.
+    gate = anyio.Event()
+    planner = Planner({"a": 100}, load_gate=gate, max_loads=5)
+    pool = make_pool(planner, {"a": 300.0})
+    failures: list[Exception] = []
+
+    async def call() -> None:
+        try:
+            await pool.generate("a", HI, SHORT)
+        except MultilaneError as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await anyio.wait_all_tasks_blocked()  # the load waits for the gate
+        closed = anyio.Event()
+
+        async def close() -> None:
+            await pool.close()
+            closed.set()
+
+        tg.start_soon(close)
+        await anyio.wait_all_tasks_blocked()
+        assert not closed.is_set()  # close waits for the load rather than leave its engine behind
+        gate.set()
+
+    assert planner.loads("a") == 1
+    assert planner.engine("a").closed
+    assert len(failures) == 1 and "closed" in str(failures[0])
+    assert pool.ps() == [] and pool.usage()["used_bytes"] == 0
+
+
+async def _load_waits_for_the_old_engine_to_close(release: Callable[[Pool], Awaitable[object]]) -> None:
+    gate = anyio.Event()
+    planner = Planner({"a": 100, "b": 100}, make_engine=lambda: SlowClosing(gate))
+    pool = make_pool(planner, {"a": 300.0, "b": 300.0}, budget=150)
+    await pool.generate("a", HI, SHORT)
+    old = cast(SlowClosing, planner.engine("a"))
+
+    async with anyio.create_task_group() as tg:
+        try:
+            tg.start_soon(release, pool)
+            await old.closing.wait()
+            tg.start_soon(pool.generate, "b", HI, SHORT)
+            await anyio.wait_all_tasks_blocked()
+            assert planner.loads("b") == 0  # a still holds its memory: b must wait for its close
+            assert pool.usage()["used_bytes"] == 100
+        finally:
+            gate.set()  # (a failed check must not leave the close waiting for ever)
+
+    assert old.closed
+    assert planner.loads("b") == 1
+    assert loaded_names(pool) == ["b"] and pool.usage()["used_bytes"] == 100
+
+
+async def test_unload_keeps_the_lane_on_the_books_until_its_engine_has_closed() -> None:
+    await _load_waits_for_the_old_engine_to_close(lambda pool: pool.unload("a"))
+
+
+async def test_a_dead_engine_keeps_its_memory_counted_until_it_has_closed() -> None:
+    async def die(pool: Pool) -> None:
+        lane = pool.loaded("a")
+        assert lane is not None
+        await pool.drop(lane, reason="engine died")
+
+    await _load_waits_for_the_old_engine_to_close(die)
+
+
+# ---- the public surface the server and runtime use
+
+
+async def test_load_with_a_keep_alive_starts_the_lanes_idle_clock_with_it() -> None:
+    clock = FakeClock()
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 300.0}, clock=clock)
+
+    lane = await pool.load("a", keep_alive=10.0)
+    assert lane.keep_alive == 10.0 and lane.expires_at == clock.now + 10.0
+    clock.advance(11)
+    await pool.reap()
+    assert pool.ps() == []
+
+    lane = await pool.load("a", keep_alive=None)  # pinned, as Ollama's keep_alive -1
+    clock.advance(10**6)
+    await pool.reap()
+    assert lane.pinned and loaded_names(pool) == ["a"]
+
+
+async def test_count_tokens_uses_the_models_own_tokenizer_and_holds_the_lane_meanwhile() -> None:
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 0.0}, clock=FakeClock())
+
+    assert await pool.count_tokens("a", ["one two three", "four"]) == 4
+    assert planner.loads("a") == 1
+    await pool.reap()  # keep_alive 0: unloaded once the count is done
+    assert pool.ps() == []

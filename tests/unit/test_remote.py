@@ -29,7 +29,7 @@ from multilane.engines.remote import (
     RemoteSettings,
     retry_after_seconds,
 )
-from multilane.runtime import plan_model
+from multilane.planning import plan_model
 
 pytestmark = pytest.mark.anyio
 
@@ -325,7 +325,8 @@ async def test_tensor_parallel_lanes_are_budgeted_per_gpu(tmp_path: Path) -> Non
             "  b: {kind: generate, source: ./model, context: 100, parallel: 2}\n")
     spec = parse_spec(text, file="tp.yaml", base_dir=tmp_path)
 
-    sharded, whole = await plan_model("a", spec), await plan_model("b", spec)
-    assert whole.weights_bytes == 1000 and whole.kv_bytes_per_token == 23040
-    assert sharded.weights_bytes == 250 and sharded.kv_bytes_per_token == 23040 // 4
+    sharded, whole = [await plan_model(name, spec, gpu=True, flags=()) for name in ("a", "b")]
+    assert whole.weights_bytes == 1000 and whole.kv is not None and sharded.kv is not None
+    assert whole.kv.bytes_per_block == 16 * 23040  # vLLM's 16-token blocks on a GPU
+    assert sharded.weights_bytes == 250 and sharded.kv.bytes_per_block == 16 * 23040 // 4
     assert sharded.key != whole.key  # different engine settings: separate lanes

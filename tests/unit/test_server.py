@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from multilane import SamplingOptions
 from multilane.cli import app as cli_app
-from multilane.testing import FakeGenerateEngine
+from multilane.testing import FakeEmbeddingEngine, FakeGenerateEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -361,6 +362,41 @@ async def test_embeddings_take_token_ids_decoded_by_the_embedders_tokenizer(serv
     assert one.json()["usage"]["prompt_tokens"] == 3 and many.json()["usage"]["prompt_tokens"] == 3
     assert [d["index"] for d in many.json()["data"]] == [0, 1]
     assert outside.status_code == 422 and "token id 99999 is outside" in outside.json()["error"]["message"]
+
+
+class BusyTokenizer(FakeEmbeddingEngine):
+    """An embedder whose tokenizer waits for a lock that an encode batch holds, as sentence-transformers' does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counting = threading.Event()
+        self.free = threading.Event()
+        self.freed_in_time: list[bool] = []
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        self.counting.set()
+        self.freed_in_time.append(self.free.wait(timeout=5))  # only a loop that still runs can free it
+        return super().token_spans(text)
+
+
+async def test_embedding_usage_is_counted_without_stalling_other_requests(serve: Any) -> None:
+    # Before: token_spans ran on the event loop, so every other request waited for the tokenizer's lock.
+    engine = BusyTokenizer()
+    async with serve(embedder=engine) as s:
+        responses: list[httpx.Response] = []
+
+        async def embed() -> None:
+            responses.append(await s.client.post("/v1/embeddings", json={"model": "embedder", "input": "sea otters"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(embed)
+            assert await anyio.to_thread.run_sync(lambda: engine.counting.wait(timeout=10))
+            health = await s.client.get("/healthz")  # answered while the tokenizer still waits
+            engine.free.set()
+
+    assert health.status_code == 200
+    assert engine.freed_in_time == [True]
+    assert responses[0].status_code == 200 and responses[0].json()["usage"]["prompt_tokens"] == 2
 
 
 async def test_models_lists_declared_models(serve: Any) -> None:

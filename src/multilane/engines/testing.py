@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,18 +52,24 @@ def example_for_schema(schema: dict[str, Any]) -> Any:
     return {"string": "text", "integer": 0, "number": 0.0, "boolean": True, "null": None}.get(kind, "text")
 
 
+Pace = Callable[[], Awaitable[None]]
+"""Awaited before each token (or each embed): a test's own clock, so that no fake sleeps in real time."""
+
+
 class FakeGenerateEngine:
     """A generate engine that answers with a fixed or computed reply, one word per token, at a set pace.
 
     With a JSON schema in the options it answers with a value valid against the schema, as vLLM's
-    structured outputs would. Every call is recorded in `calls`, with start and end times.
+    structured outputs would. Every call is recorded in `calls`, with start and end times. Tokens come
+    every `token_delay` seconds, or whenever `pace()` returns; `kill()` makes the engine die.
     """
 
     def __init__(self, reply: Reply = "fake reply", *, context: int = 2048, token_delay: float = 0.0,
-                 identity: str = "fake-generate", device: str = "cpu") -> None:
+                 identity: str = "fake-generate", device: str = "cpu", pace: Pace | None = None) -> None:
         self.reply = reply
         self.context = context
         self.token_delay = token_delay
+        self.pace = pace
         self.identity = identity
         self.device = device
         self.calls: list[CallRecord] = []
@@ -111,7 +117,10 @@ class FakeGenerateEngine:
         finish = "length" if len(every) > options.max_tokens else "stop"  # cut at max_tokens, as vLLM says
         try:
             for i, word in enumerate(words):
-                await anyio.sleep(self.token_delay)
+                if self.pace is not None:
+                    await self.pace()
+                else:
+                    await anyio.sleep(self.token_delay)
                 if self.dead:
                     raise EngineDeadError("the fake engine died mid-stream")
                 last = i == len(words) - 1
@@ -128,21 +137,36 @@ class FakeGenerateEngine:
 
 
 class FakeEmbeddingEngine:
-    """An embedding engine that hashes words into a normalised bag-of-words vector."""
+    """An embedding engine that hashes words into a normalised bag-of-words vector.
+
+    Each embed waits for `pace()` when given; `kill()` makes the engine die.
+    """
 
     def __init__(self, dimension: int = 64, *, identity: str = "fake-embedding", device: str = "cpu",
-                 max_tokens: int = 256, vocabulary: int = 1000) -> None:
+                 max_tokens: int = 256, vocabulary: int = 1000, pace: Pace | None = None) -> None:
         self.dimension = dimension
         self.vocabulary = vocabulary
         self.identity = identity
         self.device = device
         self.max_tokens = max_tokens
+        self.pace = pace
         self.calls: list[list[str]] = []
         self.closed = False
+        self.dead = False
+
+    def kill(self) -> None:
+        """Make the engine die as a crashed model process would: every embed, running or new, fails."""
+        self.dead = True
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed each text as its normalised hashed word counts."""
+        if self.dead:
+            raise EngineDeadError("the fake engine is dead")
         self.calls.append(list(texts))
+        if self.pace is not None:
+            await self.pace()
+            if self.dead:
+                raise EngineDeadError("the fake engine died mid-embed")
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         for row, text in enumerate(texts):
             for word in _WORD.findall(text.lower()):

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import psutil
 import structlog
 
 from multilane.engines.base import Chunk, Message, SamplingOptions
 from multilane.errors import EngineDeadError, EngineError
+from multilane.memory import RESERVED_BLOCKS, KVPlan, format_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -29,28 +33,133 @@ def _quiet_vllm(options: dict[str, Any]) -> None:
     options.setdefault("use_tqdm_on_load", os.environ["VLLM_LOGGING_LEVEL"].upper() in ("DEBUG", "INFO"))
 
 
+@dataclass
+class EngineStats:
+    """What vLLM's scheduler reported for one engine, updated at every step it logs."""
+
+    preemptions: int = 0  # sequences evicted from the KV cache mid-run (to be recomputed later)
+    running: int = 0  # sequences decoding at the last step
+    waiting: int = 0  # sequences waiting inside vLLM at the last step
+    max_running: int = 0  # the most sequences decoding at one step
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class KVCapacity:
+    """vLLM's own figures for a loaded engine's KV cache."""
+
+    blocks: int  # num_gpu_blocks (on the CPU too), the reserved ones included
+    block_size: int  # tokens per block
+    blocks_per_sequence: int  # what one sequence of the full context takes, every layer group together
+    reserved_blocks: int = RESERVED_BLOCKS
+
+    @property
+    def sequences(self) -> int:
+        """Full-context sequences the cache holds at once."""
+        return max(0, self.blocks - self.reserved_blocks) // max(1, self.blocks_per_sequence)
+
+
+def check_capacity(model: str, capacity: KVCapacity, *, parallel: int, context: int,
+                   planned: KVPlan | None = None) -> None:
+    """Refuse a loaded engine whose KV cache cannot hold `parallel` sequences of `context` tokens at once."""
+    if capacity.sequences >= parallel:
+        return
+    plan = (f"; Multilane planned {planned.blocks} blocks ({planned.arithmetic()})" if planned is not None else "")
+    fits = capacity.sequences
+    raise EngineError(
+        f"model '{model}': vLLM's KV cache holds {fits} sequence{'s' if fits != 1 else ''} of {context} tokens at "
+        f"once ({capacity.blocks} blocks of {capacity.block_size} tokens, {capacity.reserved_blocks} reserved, "
+        f"{capacity.blocks_per_sequence} per sequence), fewer than its parallel: {parallel}, so calls would be "
+        f"preempted{plan}. Lower the model's parallel to {max(1, fits)} or its context, or report this: the plan "
+        "should have matched vLLM")
+
+
+def read_capacity(llm: Any, *, context: int, planned: KVPlan | None) -> KVCapacity | None:
+    """vLLM's figures, synced to the client after the engine core's handshake."""
+    cache = llm.vllm_config.cache_config
+    blocks = int(getattr(cache, "num_gpu_blocks", 0) or 0)
+    block_size = int(getattr(cache, "block_size", 0) or 0)
+    if not blocks or not block_size:
+        return None
+    concurrency = getattr(cache, "kv_cache_max_concurrency", None)
+    if concurrency:  # vLLM's max concurrency is blocks / blocks per full-context sequence
+        per_sequence = round(blocks / float(concurrency))
+    elif planned is not None and planned.block_size == block_size:
+        per_sequence = planned.blocks_per_sequence
+    else:
+        per_sequence = -(-context // block_size)
+    return KVCapacity(blocks=blocks, block_size=block_size, blocks_per_sequence=per_sequence)
+
+
+def _stats_logger(stats: EngineStats) -> Any:
+    """A vLLM stat logger factory that keeps an engine's scheduler figures in `stats`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Recorder(StatLoggerBase):  # type: ignore[misc]  # vllm is untyped here
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                stats.steps += 1
+                stats.running = int(scheduler_stats.num_running_reqs)
+                stats.waiting = int(scheduler_stats.num_waiting_reqs)
+                stats.max_running = max(stats.max_running, stats.running)
+            if iteration_stats is not None:
+                stats.preemptions += int(getattr(iteration_stats, "num_preempted_reqs", 0))
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _Recorder
+
+
+def load_error(model: str, path: str, exc: Exception, *, context: int, parallel: int, dtype: str,
+                  kv: KVPlan | None) -> EngineError:
+    """A load error that names the model, its numbers and what to change, whatever vLLM said."""
+    cause = str(exc)
+    if "Engine core initialization failed" in cause:  # the reason was only logged by the child process
+        cause = "its engine process failed while starting (vLLM logged the reason on stderr)"
+    cache = f"a KV cache of {kv.arithmetic()}" if kv is not None else "vLLM's default KV cache"
+    free = format_bytes(psutil.virtual_memory().available)
+    return EngineError(
+        f"vLLM could not load model '{model}' ({path}): {cause}. It was asked for context {context}, parallel "
+        f"{parallel}, dtype {dtype} and {cache}; {free} of RAM is available now. Lower the model's parallel or "
+        "context, free memory or lower runtime.memory_budget, or check the model's engine options")
+
+
 class VLLMEngine:
     """A loaded vLLM model; concurrent `stream` calls are merged by vLLM's continuous batching."""
 
-    def __init__(self, llm: Any, *, identity: str, context: int, device: str) -> None:
+    def __init__(self, llm: Any, *, identity: str, context: int, device: str, dtype: str | None = None,
+                 stats: EngineStats | None = None, capacity: KVCapacity | None = None) -> None:
         self._llm = llm
         self._tokenizer = llm.get_tokenizer()
         self.identity = identity
         self.context = context
         self.device = device
+        self.dtype = dtype
+        self.stats = stats or EngineStats()  # the scheduler's figures: preemptions, sequences running
+        self.capacity = capacity  # vLLM's own KV cache figures
         self._closed = False
 
     @classmethod
     async def load(cls, path: str, *, identity: str, context: int, parallel: int, dtype: str = "auto",
-                   kv_cache_bytes: int | None = None,
-                   options: Mapping[str, Any] | None = None) -> VLLMEngine:
-        """Start an engine for a prepared checkpoint folder (the engine core runs in a child process)."""
+                   kv: KVPlan | None = None, options: Mapping[str, Any] | None = None,
+                   model: str | None = None) -> VLLMEngine:
+        """Start an engine for a prepared checkpoint folder (the engine core runs in a child process).
+
+        With a KV plan, vLLM gets exactly that cache; once loaded, its own figures must hold `parallel`
+        sequences of `context` tokens, or the engine is closed and the load fails with the numbers.
+        """
+        name = model or path
         options = dict(options or {})
         _quiet_vllm(options)
         owned = sorted(_OWNED_OPTIONS & options.keys())
         if owned:
-            raise EngineError(f"engine option(s) {', '.join(owned)} are set by Multilane from the model's "
-                              "context, parallel and dtype; remove them from `engine:`")
+            raise EngineError(f"model '{name}': engine option(s) {', '.join(owned)} are set by Multilane from the "
+                              "model's context, parallel and dtype; remove them from `engine:`")
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -58,20 +167,40 @@ class VLLMEngine:
         device = str(current_platform.device_type)
         if device == "cpu":
             options.setdefault("enforce_eager", True)  # CUDA graphs and torch.compile only cost time here
-        args = AsyncEngineArgs(model=path, max_model_len=context, max_num_seqs=parallel,
-                               dtype=dtype,  # type: ignore[arg-type]  # one of the spec's checked literals
-                               kv_cache_memory_bytes=kv_cache_bytes,
-                               disable_log_stats=True, **options)
-        log.info("loading vllm engine", path=path, context=context, parallel=parallel, device=device)
+        stats = EngineStats()
+        log.info("loading vllm engine", model=name, path=path, context=context, parallel=parallel, dtype=dtype,
+                 kv=kv.arithmetic() if kv is not None else None, device=device)
+        # Built in a worker thread so that other lanes keep serving during the load; AsyncLLM starts
+        # its output handler lazily on the event loop at the first request.
+        # The box keeps the worker thread from holding the engine after we close it.
+        box: list[Any] = []
+
+        def build() -> None:
+            args = AsyncEngineArgs(model=path, max_model_len=context, max_num_seqs=parallel,
+                                   dtype=dtype,  # type: ignore[arg-type]  # one of the spec's checked literals
+                                   kv_cache_memory_bytes=kv.bytes if kv is not None else None,
+                                   disable_log_stats=True, **options)
+            box.append(AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(stats)]))
+
         try:
-            # Built in a worker thread so that other lanes keep serving during the load; AsyncLLM starts
-            # its output handler lazily on the event loop at the first request.
-            # The box keeps the worker thread from holding the engine after we close it.
-            box: list[Any] = []
-            await anyio.to_thread.run_sync(lambda: box.append(AsyncLLM.from_engine_args(args)))
+            await anyio.to_thread.run_sync(build)
         except Exception as exc:
-            raise EngineError(f"vLLM could not load {path}: {exc}") from exc
-        return cls(box.pop(), identity=identity, context=context, device=device)
+            raise load_error(name, path, exc, context=context, parallel=parallel, dtype=dtype, kv=kv) from exc
+        llm = box.pop()
+        engine = cls(llm, identity=identity, context=context, device=device,
+                     dtype=str(llm.vllm_config.model_config.dtype).removeprefix("torch."), stats=stats,
+                     capacity=read_capacity(llm, context=context, planned=kv))
+        try:
+            if engine.capacity is not None:
+                check_capacity(name, engine.capacity, parallel=parallel, context=context, planned=kv)
+            # vLLM asks its engine core for the supported tasks at the first request, and a core that died
+            # before then never answers: that first call would wait for ever. Ask now, while it is alive.
+            await llm.get_supported_tasks()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await engine.close()
+            raise
+        return engine
 
     def render(self, messages: Sequence[Message]) -> str:
         """Apply the model's chat template; a model without one gets plain role-prefixed turns."""
@@ -137,7 +266,9 @@ class VLLMEngine:
                 # Stop reading outputs before the core goes, or the handler logs the core's exit as a death.
                 handler.cancel()
                 await asyncio.wait([handler])
+            processes = _engine_processes(box[0])
             await anyio.to_thread.run_sync(lambda: _shutdown(box.pop()))
+            await anyio.to_thread.run_sync(_wait_gone, processes)
         gc.collect()  # run AsyncLLM.__del__ now, not at interpreter exit when its globals are gone
 
 
@@ -152,6 +283,28 @@ def _shutdown(llm: Any) -> None:
         llm.shutdown(timeout=_SHUTDOWN_SECONDS)
     else:
         llm.shutdown()
+
+
+def _engine_processes(llm: Any) -> list[psutil.Process]:
+    """The engine-core processes of an AsyncLLM and their workers (vLLM's process manager lists the cores)."""
+    manager = getattr(getattr(getattr(llm, "engine_core", None), "resources", None), "engine_manager", None)
+    found: list[psutil.Process] = []
+    for proc in getattr(manager, "processes", None) or []:
+        try:
+            core = psutil.Process(proc.pid)
+            found += [core, *core.children(recursive=True)]
+        except (psutil.Error, TypeError, ValueError):
+            continue
+    return found
+
+
+def _wait_gone(processes: list[psutil.Process], timeout: float = 10.0) -> None:
+    """Wait until processes have exited; kill what is left after `timeout` (vLLM gives its core 5 s, then kills it)."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
 
 
 class _Dead(Exception):

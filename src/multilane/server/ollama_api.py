@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from multilane import __version__
 from multilane.durations import parse_duration
-from multilane.engines.base import Completion, EmbeddingEngine, Message, SamplingOptions, collect
+from multilane.engines.base import Completion, Message, SamplingOptions, collect
 from multilane.errors import SourceError
 from multilane.runtime import Runtime
 from multilane.server.common import (
@@ -39,6 +39,7 @@ from multilane.server.common import (
     checked_schema,
     declared_model,
     dumps,
+    gather,
     json_response,
     runtime_of,
     sampling,
@@ -188,10 +189,7 @@ async def _load_or_unload(rt: Runtime, name: str, keep_alive: str | float | None
     if seconds == 0:
         await rt.unload(name)
         return "unload"
-    lane = await rt.load(name)
-    if keep_alive is not None:
-        lane.keep_alive = seconds
-        rt.pool.lane_changed(lane)
+    await rt.load(name, keep_alive=keep_alive)
     return "load"
 
 
@@ -335,11 +333,15 @@ async def embed(body: EmbedRequest, request: Request) -> Response:
     texts = [body.input] if isinstance(body.input, str) else body.input
     was_loaded = rt.pool.loaded(body.model) is not None
     started = time.perf_counter()
-    vectors: np.ndarray = await abort_on_disconnect(request, lambda: rt.embed(body.model, texts,
-                                                                              keep_alive=body.keep_alive))
+
+    async def vectors_and_tokens() -> tuple[np.ndarray, int]:
+        # Counted beside the encode, in a worker thread: the tokenizer may wait for a whole encode batch.
+        done: list[Any] = await gather([lambda: rt.embed(body.model, texts, keep_alive=body.keep_alive),
+                                        lambda: rt.pool.count_tokens(body.model, texts)])
+        return done[0], done[1]
+
+    vectors, tokens = await abort_on_disconnect(request, vectors_and_tokens)
     lane = rt.pool.loaded(body.model)
-    tokens = (sum(len(lane.engine.token_spans(t)) for t in texts)
-              if lane is not None and isinstance(lane.engine, EmbeddingEngine) else 0)
     return json_response({"model": body.model, "embeddings": [[float(x) for x in row] for row in vectors],
                           "total_duration": _ns(time.perf_counter() - started),
                           "load_duration": _ns(lane.load_seconds if lane is not None and not was_loaded else 0.0),

@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from multilane.engines.base import Completion, DecodingEmbeddingEngine, EmbeddingEngine, Message, SamplingOptions
+from multilane.engines.base import Completion, DecodingEmbeddingEngine, Message, SamplingOptions
 from multilane.runtime import Runtime
 from multilane.server.common import (
     SSE_HEADERS,
@@ -372,18 +372,21 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     ids = _token_ids(body.input)
     texts = await _decoded(rt, body.model, ids) if ids is not None else (
         [body.input] if isinstance(body.input, str) else cast(list[str], body.input))
-    vectors: np.ndarray = await abort_on_disconnect(request, lambda: rt.embed(body.model, texts,
-                                                                              keep_alive=body.keep_alive))
+
+    async def vectors_and_tokens() -> tuple[np.ndarray, int]:
+        if ids is not None:  # the ids sent are the tokens
+            return await rt.embed(body.model, texts, keep_alive=body.keep_alive), sum(len(row) for row in ids)
+        # Counted beside the encode, in a worker thread: the tokenizer may wait for a whole encode batch.
+        done: list[Any] = await gather([lambda: rt.embed(body.model, texts, keep_alive=body.keep_alive),
+                                        lambda: rt.pool.count_tokens(body.model, texts)])
+        return done[0], done[1]
+
+    vectors, tokens = await abort_on_disconnect(request, vectors_and_tokens)
     data = []
     for i, row in enumerate(vectors):
         embedding: Any = (base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode()
                           if body.encoding_format == "base64" else [float(x) for x in row])
         data.append({"object": "embedding", "index": i, "embedding": embedding})
-    lane = rt.pool.loaded(body.model)
-    tokens = (sum(len(lane.engine.token_spans(t)) for t in texts)
-              if lane is not None and isinstance(lane.engine, EmbeddingEngine) else 0)
-    if ids is not None:
-        tokens = sum(len(row) for row in ids)  # the ids sent are the tokens
     return json_response({"object": "list", "data": data, "model": body.model,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 

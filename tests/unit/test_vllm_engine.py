@@ -1,0 +1,56 @@
+"""The vLLM engine's checks that need no model: its KV cache figures against `parallel`, and its load errors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from multilane.engines.vllm import KVCapacity, check_capacity, load_error, read_capacity
+from multilane.errors import EngineError
+from multilane.memory import KVPlan
+
+
+def llm_with(blocks: int, block_size: int, concurrency: float | None) -> SimpleNamespace:
+    cache = SimpleNamespace(num_gpu_blocks=blocks, block_size=block_size, kv_cache_max_concurrency=concurrency)
+    return SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache))
+
+
+def test_vllms_figures_give_the_blocks_of_one_full_context_sequence() -> None:
+    # Gemma 3 at context 700 on the CPU reported 254 blocks and a max concurrency of 6.195x: 41 per sequence.
+    capacity = read_capacity(llm_with(254, 128, 254 / 41), context=700, planned=None)
+
+    assert capacity == KVCapacity(blocks=254, block_size=128, blocks_per_sequence=41)
+    assert capacity.sequences == 6  # one of the 254 blocks is vLLM's own
+
+
+def test_a_cache_that_holds_parallel_sequences_passes() -> None:
+    check_capacity("m", KVCapacity(blocks=19, block_size=128, blocks_per_sequence=6), parallel=3, context=700)
+
+
+def test_a_cache_short_of_parallel_sequences_fails_with_the_numbers_and_what_to_change() -> None:
+    planned = KVPlan.per_token(3, 700, 23040)
+
+    with pytest.raises(EngineError) as caught:
+        check_capacity("smol", KVCapacity(blocks=16, block_size=128, blocks_per_sequence=6), parallel=3,
+                       context=700, planned=planned)
+
+    message = str(caught.value)
+    assert "model 'smol'" in message
+    assert "holds 2 sequences of 700 tokens at once (16 blocks of 128 tokens, 1 reserved, 6 per sequence)" in message
+    assert "fewer than its parallel: 3" in message and "preempted" in message
+    assert "Lower the model's parallel to 2 or its context" in message
+
+
+def test_a_failed_engine_start_names_the_model_and_numbers_instead_of_the_root_cause_above() -> None:
+    exc = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    kv = KVPlan(parallel=1, context=512, block_size=128, bytes_per_block=2_949_120, blocks_per_sequence=4,
+                reserved_blocks=1, dtype="bfloat16")
+
+    message = str(load_error("smol", "/models/smol", exc, context=512, parallel=1, dtype="bfloat16", kv=kv))
+
+    assert "root cause" not in message
+    assert "vLLM could not load model 'smol'" in message
+    assert "context 512, parallel 1, dtype bfloat16" in message
+    assert "(1 x 4 + 1 reserved) blocks" in message
+    assert "of RAM is available now" in message and "Lower the model's parallel or context" in message
