@@ -129,6 +129,20 @@ def load_error(model: str, path: str, exc: Exception, *, context: int, parallel:
         "context, free memory or lower runtime.memory_budget, or check the model's engine options")
 
 
+def _import_vllm() -> tuple[Any, Any, Any]:
+    """vLLM's engine classes, imported in a worker thread.
+
+    Importing vLLM takes seconds, and it keeps tracebacks of the optional imports it tried, whose frames
+    reach back to the importer's: imported from `load`, they kept the first engine alive after its close,
+    until its `__del__` failed at interpreter exit ("'NoneType' object is not callable").
+    """
+    from vllm import AsyncEngineArgs
+    from vllm.platforms import current_platform
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncEngineArgs, current_platform, AsyncLLM
+
+
 class VLLMEngine:
     """A loaded vLLM model; concurrent `stream` calls are merged by vLLM's continuous batching."""
 
@@ -160,10 +174,7 @@ class VLLMEngine:
         if owned:
             raise EngineError(f"model '{name}': engine option(s) {', '.join(owned)} are set by Multilane from the "
                               "model's context, parallel and dtype; remove them from `engine:`")
-        from vllm import AsyncEngineArgs
-        from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+        AsyncEngineArgs, current_platform, AsyncLLM = await anyio.to_thread.run_sync(_import_vllm)
         device = str(current_platform.device_type)
         if device == "cpu":
             options.setdefault("enforce_eager", True)  # CUDA graphs and torch.compile only cost time here
