@@ -242,7 +242,8 @@ class VLLMEngine:
                 piece = out.outputs[0]
                 finished = out.finished
                 yield Chunk(piece.text, len(piece.token_ids),
-                            finish_reason=piece.finish_reason if finished else None)
+                            finish_reason=piece.finish_reason if finished else None,
+                            cached_tokens=getattr(out, "num_cached_tokens", None) or 0)
         except Exception as exc:
             if getattr(self._llm, "errored", False):
                 raise _engine_error(_Dead()) from exc
