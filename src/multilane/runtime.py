@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 import structlog
+from opentelemetry.trace import Tracer, TracerProvider
 
 from multilane.durations import parse_duration
 from multilane.engines.base import Chunk, Completion, EmbeddingEngine, Message, SamplingOptions
@@ -34,6 +35,7 @@ from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home
 from multilane.spec import PipelineSpec, Spec
 from multilane.steps import Codec, Layer, Scope, canonical_json
+from multilane.tracing import TraceLayer, capture_content, export_provider, index_span, tracer_of, tracing_off
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentResult
@@ -80,11 +82,13 @@ class Runtime:
     and replayed. An `offline` runtime loads no model: it is for replays.
     `progress` receives the progress of long work (GGUF conversions, model loads, index builds); without it,
     progress goes to the callback of the calling context (`multilane.progress.reporting`), if any.
+    Every run is traced (see `multilane.tracing`) to `tracer_provider`, or else to the exporter that
+    `runtime.tracing` or the OTEL_* variables name, or else to the global tracer provider (a no-op until set).
     """
 
     def __init__(self, spec: Spec, *, engines: EngineFactory | None = None, index_root: Path | None = None,
                  progress: ProgressCallback | None = None, journal: str | os.PathLike[str] | None = None,
-                 offline: bool = False) -> None:
+                 offline: bool = False, tracer_provider: TracerProvider | None = None) -> None:
         self.spec = spec
         self.offline = offline
         self._engine_factory = _offline_engines if offline else engines
@@ -106,6 +110,9 @@ class Runtime:
         self._index_locks: dict[str, anyio.Lock] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self._agents: Mapping[str, Agent] | None = dict(spec.agents) if spec.agents else None
+        self._tracer_provider = tracer_provider
+        self._exporting: Any = None  # the SDK tracer provider the runtime built to export, shut down on close
+        self._trace: TraceLayer | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> Runtime:
@@ -124,6 +131,7 @@ class Runtime:
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._pool.reap_forever)
         try:
+            self._open_tracing()
             await self._open_journal(self._task_group)
             for name, model in self.spec.models.items():  # pinned and preloaded models load at start
                 if (model.preload or model.keep_alive_seconds is None) and not self.offline:
@@ -141,15 +149,34 @@ class Runtime:
         """Stop every engine and write what the journal has queued; the runtime cannot run anything afterwards."""
         group, self._task_group = self._task_group, None
         journal, self._journal = self._journal, None
+        exporting, self._exporting, self._trace = self._exporting, None, None
         self._indexes.clear()
         try:
             await self._pool.close()
         finally:
             if journal is not None:
                 await journal.close()
+            if exporting is not None:  # send the spans still batched before the process may exit
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(exporting.shutdown)
             if group is not None:
                 group.cancel_scope.cancel()
                 await group.__aexit__(None, None, None)
+
+    def _open_tracing(self) -> None:
+        """Choose where the runtime's spans go: the given provider, the configured exporter, or the global provider."""
+        setting = self.spec.runtime.tracing
+        provider = self._tracer_provider
+        if provider is None:
+            if tracing_off(setting):
+                return
+            provider = self._exporting = export_provider(setting)
+        self._trace = TraceLayer(tracer_of(provider), content=capture_content(setting))
+
+    @property
+    def tracer(self) -> Tracer | None:
+        """The tracer the runtime's spans go to while it is open (None when tracing is off), for the server's spans."""
+        return self._trace.tracer if self._trace is not None else None
 
     async def _open_journal(self, group: anyio.abc.TaskGroup) -> None:
         """Open the journal (its writer runs in the runtime's task group) and the call cache over it."""
@@ -262,14 +289,17 @@ class Runtime:
 
                     patterns, base_dir = list(CORPUS_PATTERNS), await anyio.to_thread.run_sync(
                         corpus_folder, declared.corpus)
-                with reporting(self._progress), _IndexProgress(name) as embedded:
+                with reporting(self._progress), _IndexProgress(name) as embedded, \
+                        index_span(self.tracer, name) as traced:
                     async with self._pool.hold(declared.embedder) as lane:
+                        traced.held(lane)
                         embedder = _LaneEmbedder(self._pool, declared.embedder, lane.engine)  # type: ignore[arg-type]
                         opened = await open_index(
                             name, patterns=patterns, base_dir=base_dir,
                             embedder=embedder, chunk_tokens=declared.chunk_tokens,
                             chunk_overlap=declared.chunk_overlap, root=self._index_root / self._index_folder(name),
                             rebuild=rebuild, headings=declared.chunk_headings, progress=embedded.report)
+                    traced.opened(opened)
                 self._indexes[name] = opened
                 log.info("index ready", index=name, status=opened.status, chunks=opened.chunks,
                          documents=opened.documents, device=opened.device)
@@ -285,7 +315,7 @@ class Runtime:
         self._check_open()
         declared = self.spec.pipeline(pipeline)
         bound = declared.check_inputs({**(inputs or {}), **kwargs}, pipeline=pipeline)
-        return await self._execute(pipeline, declared, bound, self._layers())
+        return await self._execute(pipeline, declared, bound, [*self._tracing(), *self._layers()])
 
     async def resume(self, run_id: str, *, force: bool = False) -> RunResult:
         """Finish a journaled run that was interrupted (or failed): its finished stages, items, agent steps and
@@ -315,8 +345,8 @@ class Runtime:
                  finished_steps=sum(step.ok for step in loaded.steps.values()))
         self._resuming.add(run_id)
         try:
-            return await self._execute(run.pipeline, declared, bound,
-                                       [ResumeLayer(loaded.steps), *self._layers(attempt=run.attempts + 1)], run_id)
+            layers = [*self._tracing(), ResumeLayer(loaded.steps), *self._layers(attempt=run.attempts + 1)]
+            return await self._execute(run.pipeline, declared, bound, layers, run_id)
         finally:
             self._resuming.discard(run_id)
 
@@ -333,13 +363,18 @@ class Runtime:
             log.warning("replaying with a changed pipeline file", run_id=run_id, file=run.spec_file)
         declared = self.spec.pipeline(run.pipeline)
         bound = declared.check_inputs(run.inputs, pipeline=run.pipeline)
-        return await self._execute(run.pipeline, declared, bound, [ReplayLayer(run_id, loaded.steps)], run_id)
+        return await self._execute(run.pipeline, declared, bound, [*self._tracing(), ReplayLayer(run_id, loaded.steps)],
+                                   run_id)
 
     async def _load_run(self, run_id: str, purpose: str) -> LoadedRun:
         if self._journal is None:
             raise JournalError(f"cannot {purpose} run '{run_id}': this runtime has no journal "
                                f"({'runtime.journal is off' if self._journal_file is None else 'it is closed'})")
         return await self._journal.load(run_id)
+
+    def _tracing(self) -> list[Layer]:
+        """The trace layer, outermost: its spans cover steps that a later layer answers (resume, replay, cache)."""
+        return [self._trace] if self._trace is not None else []
 
     def _layers(self, *, attempt: int = 1) -> list[Layer]:
         """The layers of a run's steps: the journal records them, the cache answers repeated model calls."""
@@ -400,7 +435,8 @@ class Runtime:
         problems = check_agent(resolved, self.spec)  # an agent defined in a script was never checked
         if problems:
             raise UnknownNameError("; ".join(problems))
-        scope = Scope(uuid.uuid4().hex[:12], layers=[self._cache] if self._cache is not None else []).child("agent")
+        layers = [*self._tracing(), *([self._cache] if self._cache is not None else [])]
+        scope = Scope(uuid.uuid4().hex[:12], layers=layers).child("agent")
         return await run_agent(resolved, task, self, scope=scope)
 
     @asynccontextmanager
@@ -421,7 +457,8 @@ class Runtime:
         async def produce() -> None:
             async with send:
                 try:
-                    await self._execute(pipeline, declared, bound, self._layers(), sink=send.send)
+                    await self._execute(pipeline, declared, bound, [*self._tracing(), *self._layers()],
+                                        sink=send.send)
                 except MultilaneError as exc:
                     failure.append(exc)
 
