@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import http.server
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import anyio.lowlevel
@@ -515,3 +517,69 @@ def test_a_missing_sdk_is_a_clear_error_naming_the_extra(monkeypatch: pytest.Mon
     spec = make_spec("models:\n  m: {kind: generate, source: ./m}\nruntime: {tracing: otlp}\n")
     with pytest.raises(TracingError, match=r"pip install 'multilane\[otel\]'"):
         export_provider(spec.runtime.tracing)
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver on loopback that keeps the export requests it gets."""
+
+    received: ClassVar[list[tuple[str, bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.received.append((self.path, body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    received: list[tuple[str, bytes]] = []
+    handler = type("Collector", (_Collector,), {"received": received})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_runtime_tracing_otlp_exports_the_runs_spans_to_a_collector_and_flushes_them_on_close(
+        fake_runtime, collector: tuple[str, list[tuple[str, bytes]]]) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    endpoint, received = collector
+    rt, _ = fake_runtime(f"""
+    models:
+      assistant: {{kind: generate, source: ./assistant}}
+    runtime:
+      tracing: {{export: otlp, endpoint: "{endpoint}", service_name: shop}}
+    pipelines:
+      ask:
+        stages:
+          answer: {{kind: reason, model: assistant, prompt: "hello"}}
+    """)
+    async with rt:
+        result = await rt.run("ask")
+        assert rt.tracer is not None
+
+    assert received, "nothing was exported"
+    names, services, run_ids = [], set(), set()
+    for path, body in received:
+        assert path == "/v1/traces"
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            services |= {a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"}
+            for scope_spans in resource_spans.scope_spans:
+                assert scope_spans.scope.name == "multilane"
+                for span in scope_spans.spans:
+                    names.append(span.name)
+                    run_ids |= {a.value.string_value for a in span.attributes if a.key == "multilane.run_id"}
+    assert sorted(names) == ["chat assistant", "invoke_workflow ask", "load assistant", "stage answer"]
+    assert services == {"shop"}
+    assert run_ids == {result.run_id}
