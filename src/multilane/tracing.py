@@ -377,13 +377,16 @@ def capture_content(setting: TracingSpec | None) -> bool:
 
 
 def export_provider(setting: TracingSpec | None) -> SdkTracerProvider | None:
-    """A tracer provider that exports spans as `runtime.tracing` or the OTEL_* variables ask; None when neither does.
+    """A tracer provider that exports spans as `runtime.tracing` or the OTEL_* variables ask; None when neither does,
+    or when the file says nothing and the host application has set a global tracer provider already.
 
     The file's setting wins over the variables; an OTLP endpoint, headers (`OTEL_EXPORTER_OTLP_HEADERS`), the
     service name (`OTEL_SERVICE_NAME`, default "multilane") and the sampler come from the variables when the file
     does not give them. Raises TracingError when the OpenTelemetry SDK is not installed, or for an exporter it
     does not know.
     """
+    if setting is None and not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None  # the host application set up tracing itself (and the variables with it): its provider wins
     export = setting.export if setting is not None else _env_exporter()
     if export in (None, "none", "off"):
         return None

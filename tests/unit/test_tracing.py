@@ -428,6 +428,12 @@ def test_the_otel_variables_choose_the_exporter_when_the_file_does_not(monkeypat
     assert isinstance(provider, Sdk)
     assert provider.resource.attributes["service.name"] == "multilane"
     provider.shutdown()
+    from opentelemetry import trace
+
+    host = Sdk()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: host)
+    assert export_provider(None) is None  # the host application configured tracing: its provider is used
+    monkeypatch.undo()
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(TracingError, match="OTEL_TRACES_EXPORTER: unknown trace exporter 'zipkin'"):
         export_provider(None)
