@@ -62,6 +62,7 @@ __all__ = [
     "Pool",
     "Prepared",
     "RequestObserver",
+    "calls_observed",
     "format_bytes",
     "observing_calls",
 ]
@@ -188,6 +189,11 @@ def observing_calls(observer: LaneCallObserver) -> Iterator[None]:
         yield
     finally:
         _call_observer.reset(token)
+
+
+def calls_observed() -> bool:
+    """Whether the lane calls made in this context are told to an observer (the calling step reports them)."""
+    return _call_observer.get() is not None
 
 
 class _CallWatch:

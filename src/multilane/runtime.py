@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 import structlog
+from opentelemetry import trace
 from opentelemetry.trace import Tracer, TracerProvider
 
 from multilane.durations import parse_duration
@@ -25,7 +26,7 @@ from multilane.errors import EngineError, JournalError, MultilaneError, ResumeEr
 from multilane.evaluation.dataset import GoldSet
 from multilane.journal import CacheCounts, CacheLayer, Journal, JournalLayer, LoadedRun, ReplayLayer, ResumeLayer
 from multilane.journal import journal_path as spec_journal_path
-from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
+from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool, calls_observed
 from multilane.pipeline.executor import RunEvent, RunResult, execute
 from multilane.planning import EngineFactory, auto_budget, has_gpu, plan_model, plan_with_factory
 from multilane.progress import ProgressCallback, ProgressUpdate, reporting, step
@@ -34,8 +35,16 @@ from multilane.project import load_spec
 from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home
 from multilane.spec import PipelineSpec, Spec
-from multilane.steps import Codec, Layer, Scope, canonical_json
-from multilane.tracing import TraceLayer, capture_content, export_provider, index_span, tracer_of, tracing_off
+from multilane.steps import Codec, Layer, Scope, Step, StepKind, canonical_json, model_attrs
+from multilane.tracing import (
+    TracedStep,
+    TraceLayer,
+    capture_content,
+    export_provider,
+    index_span,
+    tracer_of,
+    tracing_off,
+)
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentResult
@@ -247,25 +256,79 @@ class Runtime:
         With `raw=True`, `messages` is a prompt string tokenized as is, without the chat template.
         """
         self._check_open()
-        return await self._pool.generate(model, _as_prompt(messages, raw), options or SamplingOptions(),
-                                         truncate=truncate, keep_alive=_keep_alive(keep_alive))
+        prompt, options = _as_prompt(messages, raw), options or SamplingOptions()
+        traced = self._direct("model", model_attrs(model, prompt, options, truncate=truncate, cache=None))
+        if traced is None:
+            return await self._pool.generate(model, prompt, options, truncate=truncate,
+                                             keep_alive=_keep_alive(keep_alive))
+        try:
+            with trace.use_span(traced.span, record_exception=False, set_status_on_exception=False), \
+                    traced.observing():
+                done = await self._pool.generate(model, prompt, options, truncate=truncate,
+                                                 keep_alive=_keep_alive(keep_alive))
+        except BaseException as exc:
+            traced.failed(exc)
+            raise
+        traced.succeeded(done)
+        return done
+
+    def _direct(self, kind: StepKind, attrs: dict[str, Any]) -> TracedStep | None:
+        """The span of a model call made outside a run (an API request, a script), when tracing is on.
+
+        A call made inside a run's step is part of that step's span already (its lane figures go there).
+        """
+        if self._trace is None or calls_observed():
+            return None
+        return self._trace.start(Step(kind, "", "", attrs, leaf=True))
 
     async def generate_stream(self, model: str, messages: Sequence[Message] | str,
                               options: SamplingOptions | None = None, *, truncate: bool = False,
                               keep_alive: str | float | None = None, raw: bool = False) -> AsyncGenerator[Chunk, None]:
         """Stream a completion chunk by chunk (`raw` as in `generate`); leaving the loop early aborts the request."""
         self._check_open()
-        chunks = self._pool.stream(model, _as_prompt(messages, raw), options or SamplingOptions(),
-                                   truncate=truncate, keep_alive=_keep_alive(keep_alive))
+        prompt, options = _as_prompt(messages, raw), options or SamplingOptions()
+        traced = self._direct("model", model_attrs(model, prompt, options, truncate=truncate, cache=None))
+        chunks = self._pool.stream(model, prompt, options, truncate=truncate, keep_alive=_keep_alive(keep_alive))
         async with aclosing(chunks):  # a caller leaving early aborts the request before the slot is reused
-            async for chunk in chunks:
-                yield chunk
+            if traced is None:
+                async for chunk in chunks:
+                    yield chunk
+                return
+            # The span is never made the current one here, nor the observer left set: between two chunks the
+            # consumer runs in this context, maybe in another task. The lane takes its observer on the first.
+            seen: list[Chunk] = []
+            try:
+                with traced.observing():
+                    first = await anext(chunks, None)
+                if first is not None:
+                    seen.append(first)
+                    yield first
+                    async for chunk in chunks:
+                        seen.append(chunk)
+                        yield chunk
+            except BaseException as exc:
+                traced.failed(exc)
+                raise
+            traced.succeeded(Completion("".join(c.text for c in seen), max((c.prompt_tokens for c in seen), default=0),
+                                        sum(c.tokens for c in seen),
+                                        next((c.finish_reason for c in reversed(seen) if c.finish_reason), None)))
 
     async def embed(self, model: str, texts: Sequence[str], *,
                     keep_alive: str | float | None = None) -> np.ndarray:
         """Embed texts with a declared embedding model, as L2-normalised float32 rows."""
         self._check_open()
-        return await self._pool.embed(model, texts, keep_alive=_keep_alive(keep_alive))
+        traced = self._direct("embed", {"model": model, "texts": len(texts)})
+        if traced is None:
+            return await self._pool.embed(model, texts, keep_alive=_keep_alive(keep_alive))
+        try:
+            with trace.use_span(traced.span, record_exception=False, set_status_on_exception=False), \
+                    traced.observing():
+                vectors = await self._pool.embed(model, texts, keep_alive=_keep_alive(keep_alive))
+        except BaseException as exc:
+            traced.failed(exc)
+            raise
+        traced.succeeded(vectors)
+        return vectors
 
     # ---- indexes and pipelines
 

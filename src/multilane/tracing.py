@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -41,6 +41,7 @@ __all__ = [
     "PROVIDER",
     "IndexTrace",
     "TraceLayer",
+    "TracedStep",
     "TracingError",
     "capture_content",
     "export_provider",
@@ -79,40 +80,27 @@ class TraceLayer:
 
     def __init__(self, tracer: Tracer, *, content: bool = False) -> None:
         self.tracer = tracer
-        self._content = content
+        self.content = content
 
     async def around(self, step: Step, proceed: Proceed) -> Any:
         """Run the step inside its span; an error sets the span's status, a cancellation marks it."""
-        name, kind, attributes = _describe(step, self._content)
-        span = self.tracer.start_span(name, kind=kind, attributes=attributes)
-        calls: list[LaneCall] = []
+        traced = self.start(step)
         try:
-            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
-                if step.kind in _OBSERVED:
-                    with observing_calls(calls.append):
-                        result = await proceed()
-                else:
-                    result = await proceed()
-        except Exception as exc:
-            span.record_exception(exc)
-            span.set_attribute("error.type", type(exc).__qualname__)
-            span.set_status(Status(StatusCode.ERROR, str(exc)))
-            self._lanes(span, step, calls)
-            span.end()
+            with trace.use_span(traced.span, record_exception=False, set_status_on_exception=False), \
+                    traced.observing():
+                result = await proceed()
+        except BaseException as exc:
+            traced.failed(exc)
             raise
-        except BaseException:  # cancelled: a sibling failed, a timeout, or the caller went away
-            span.set_attribute("multilane.cancelled", True)
-            self._lanes(span, step, calls)
-            span.end()
-            raise
-        try:
-            _finish(span, step, result, calls, self._content)
-            self._lanes(span, step, calls)
-        finally:
-            span.end()
+        traced.succeeded(result)
         return result
 
-    def _lanes(self, span: Span, step: Step, calls: Sequence[LaneCall]) -> None:
+    def start(self, step: Step) -> TracedStep:
+        """Open the span of a step, for a caller that runs the step itself (a model call made outside a run)."""
+        name, kind, attributes = _describe(step, self.content)
+        return TracedStep(self, step, self.tracer.start_span(name, kind=kind, attributes=attributes))
+
+    def lanes(self, span: Span, step: Step, calls: Sequence[LaneCall]) -> None:
         """Show the lane calls of a step: on its own span for a model or embedding call, else as child spans."""
         if not span.is_recording():
             return
@@ -190,6 +178,43 @@ def _load_span(tracer: Tracer, parent: Span, lane: str, load: tuple[int, int], w
     span.end(end_time=max(end, start))
 
 
+class TracedStep:
+    """A step's open span, the lane calls seen under it, and how it ended; `TraceLayer.start` makes one."""
+
+    def __init__(self, layer: TraceLayer, step: Step, span: Span) -> None:
+        self._layer = layer
+        self.step = step
+        self.span = span
+        self.calls: list[LaneCall] = []
+
+    def observing(self) -> AbstractContextManager[None]:
+        """While open, the lane calls made in this context are the step's (for the steps that make them)."""
+        return observing_calls(self.calls.append) if self.step.kind in _OBSERVED else nullcontext()
+
+    def succeeded(self, result: Any) -> None:
+        """Note what the result tells (tokens, hits, a failed tool call) and end the span."""
+        try:
+            _finish(self.span, self.step, result, self.calls, self._layer.content)
+        finally:
+            self._end()
+
+    def failed(self, exc: BaseException) -> None:
+        """An error sets the span's status; a cancellation (a sibling failed, a timeout, a caller gone) marks it."""
+        if isinstance(exc, Exception):
+            self.span.record_exception(exc)
+            self.span.set_attribute("error.type", type(exc).__qualname__)
+            self.span.set_status(Status(StatusCode.ERROR, str(exc)))
+        else:
+            self.span.set_attribute("multilane.cancelled", True)
+        self._end()
+
+    def _end(self) -> None:
+        try:
+            self._layer.lanes(self.span, self.step, self.calls)
+        finally:
+            self.span.end()
+
+
 def _lane_attributes(call: LaneCall) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "multilane.lane": call.lane, "multilane.slots.total": call.slots, "multilane.slots.busy": call.busy,
@@ -229,7 +254,9 @@ def _priority(attrs: Mapping[str, Any]) -> Any:
 def _describe(step: Step, content: bool) -> tuple[str, SpanKind, dict[str, Any]]:
     """A step's span name, kind and the attributes known before it runs."""
     a = step.attrs
-    base: dict[str, Any] = {"multilane.run_id": step.run_id, "multilane.step": step.kind}
+    base: dict[str, Any] = {"multilane.step": step.kind}
+    if step.run_id:  # a call made outside any run has none
+        base["multilane.run_id"] = step.run_id
     if step.path:
         base["multilane.path"] = step.path
     kind = step.kind
@@ -318,8 +345,9 @@ def _finish(span: Span, step: Step, result: Any, calls: Sequence[LaneCall], cont
             span.set_attribute("gen_ai.output.messages", _json([{
                 "role": "assistant", "parts": [{"type": "text", "content": result.text}],
                 "finish_reason": result.finish_reason or "unknown"}]))
-    elif step.kind == "embed" and isinstance(result, list):
-        span.set_attributes({"gen_ai.embeddings.dimension.count": len(result),
+    elif step.kind == "embed" and (isinstance(result, list) or hasattr(result, "shape")):
+        dimension = len(result) if isinstance(result, list) else int(result.shape[-1])
+        span.set_attributes({"gen_ai.embeddings.dimension.count": dimension,
                              "multilane.answered_by": "engine" if calls else "journal"})
     elif step.kind == "search" and isinstance(result, list):
         span.set_attribute("multilane.retrieval.hits", len(result))

@@ -589,3 +589,37 @@ async def test_runtime_tracing_otlp_exports_the_runs_spans_to_a_collector_and_fl
     assert sorted(names) == ["chat assistant", "invoke_workflow ask", "load assistant", "stage answer"]
     assert services == {"shop"}
     assert run_ids == {result.run_id}
+
+
+async def test_api_calls_outside_a_run_get_their_own_chat_and_embeddings_spans_under_the_request(
+        fake_runtime, spans: Spans, server_spec: str) -> None:
+    rt, factory = fake_runtime(server_spec)
+    runtime = Runtime(rt.spec, engines=factory, tracer_provider=spans.provider)
+    app = create_app(runtime)
+    body = {"model": "assistant", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            plain = await client.post("/v1/chat/completions", json=body)
+            streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
+            embedded = await client.post("/v1/embeddings", json={"model": "embedder", "input": ["a", "b"]})
+    assert plain.status_code == streamed.status_code == embedded.status_code == 200
+
+    requests = sorted(spans.named("POST /v1/chat/completions"), key=lambda s: s.start_time or 0)
+    chats = sorted(spans.named("chat assistant"), key=lambda s: s.start_time or 0)
+    assert len(requests) == len(chats) == 2
+    for request, chat in zip(requests, chats, strict=True):
+        assert spans.children(request) == ["chat assistant"]
+        assert chat.kind is SpanKind.CLIENT
+    first, second = (dict(chat.attributes or {}) for chat in chats)
+    usage = plain.json()["usage"]
+    assert first["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert first["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert first["multilane.model_loaded"] is True and spans.children(chats[0]) == ["load assistant"]
+    assert "multilane.run_id" not in first  # no run: a call of its own
+    assert second["gen_ai.usage.output_tokens"] == first["gen_ai.usage.output_tokens"]  # the stream, summed
+    assert second["gen_ai.response.finish_reasons"] == first["gen_ai.response.finish_reasons"]
+    assert second["multilane.model_loaded"] is False and second["multilane.lane"] == "assistant"
+    embeddings = spans.one("embeddings embedder")
+    assert spans.children(spans.one("POST /v1/embeddings")) == ["embeddings embedder"]
+    assert (embeddings.attributes or {})["gen_ai.embeddings.dimension.count"] > 0
