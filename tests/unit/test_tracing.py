@@ -623,3 +623,29 @@ async def test_api_calls_outside_a_run_get_their_own_chat_and_embeddings_spans_u
     embeddings = spans.one("embeddings embedder")
     assert spans.children(spans.one("POST /v1/embeddings")) == ["embeddings embedder"]
     assert (embeddings.attributes or {})["gen_ai.embeddings.dimension.count"] > 0
+
+
+async def test_each_for_each_item_is_a_span_under_its_stage_with_its_own_chat_call(fake_runtime, spans: Spans) -> None:
+    text = """
+    models:
+      assistant: {kind: generate, source: ./assistant}
+    pipelines:
+      fan:
+        inputs: {words: list}
+        stages:
+          each: {kind: reason, model: assistant, for_each: "{{ inputs.words }}", prompt: "Define {{ item }}"}
+    """
+    rt, factory = fake_runtime(text)
+    async with Runtime(rt.spec, engines=factory, tracer_provider=spans.provider) as rt:
+        await rt.run("fan", words=["alpha", "beta", "gamma"])
+
+    stage = spans.one("stage each")
+    assert spans.children(stage) == ["item each"] * 3
+    assert (stage.attributes or {})["multilane.item.count"] == 3
+    assert (stage.attributes or {})["multilane.item.errors"] == 0
+    items = spans.named("item each")
+    assert sorted((s.attributes or {})["multilane.item.index"] for s in items) == [0, 1, 2]
+    for item in items:
+        assert spans.children(item) == ["chat assistant"]
+        index = (item.attributes or {})["multilane.item.index"]
+        assert (item.attributes or {})["multilane.path"] == f"stage:each/item:{index}"
