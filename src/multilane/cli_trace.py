@@ -80,6 +80,16 @@ def _rows(spans: Sequence[ReadableSpan]) -> list[_Row]:
     return rows
 
 
+def _label(span: ReadableSpan) -> str:
+    """The span's name, with the item's index or the agent step's number where the name alone repeats."""
+    a = span.attributes or {}
+    if a.get("multilane.item.index") is not None and a.get("multilane.step") == "item":
+        return f"{span.name} [{a['multilane.item.index']}]"
+    if a.get("multilane.agent.step") is not None:
+        return f"{span.name} #{a['multilane.agent.step']}"
+    return span.name
+
+
 def _seconds(ns: int) -> str:
     seconds = ns / 1e9
     return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.2f}s"
@@ -113,8 +123,9 @@ def _details(row: _Row) -> Text:
     if a.get("multilane.model_loaded"):
         parts.append(f"load {float(a.get('multilane.load_s', 0)):.2f}s")
     if a.get("multilane.queued"):
+        ahead = int(a.get("multilane.queue.ahead") or 0)
         parts.append(f"queued {float(a.get('multilane.queue_wait_s', 0)):.2f}s behind {a.get('multilane.slots.busy')}"
-                     f"/{a.get('multilane.slots.total')} busy")
+                     f"/{a.get('multilane.slots.total')} busy" + (f", {ahead} waiting" if ahead else ""))
     if a.get("multilane.time_to_first_token_s") is not None and a.get("gen_ai.operation.name") != "embeddings":
         parts.append(f"ttft {float(a['multilane.time_to_first_token_s']):.2f}s")
     if a.get("gen_ai.usage.cache_read.input_tokens"):
@@ -154,7 +165,7 @@ def waterfall(spans: Sequence[ReadableSpan], *, width: int = 40) -> RenderableTy
     table.add_column("", overflow="fold")
     for row in rows:
         duration = (row.span.end_time or 0) - (row.span.start_time or 0)
-        table.add_row(Text("  " * row.depth + row.span.name), _bar(row, t0, total, width), _seconds(duration),
+        table.add_row(Text("  " * row.depth + _label(row.span)), _bar(row, t0, total, width), _seconds(duration),
                       _details(row))
     root = rows[0].span
     head = Text(f"trace {root.context.trace_id:032x}" if root.context else "trace", style="bold")
