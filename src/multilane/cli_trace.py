@@ -82,7 +82,7 @@ def _rows(spans: Sequence[ReadableSpan]) -> list[_Row]:
 
 def _label(span: ReadableSpan) -> str:
     """The span's name, with the item's index or the agent step's number where the name alone repeats."""
-    a = span.attributes or {}
+    a: dict[str, Any] = dict(span.attributes or {})
     if a.get("multilane.item.index") is not None and a.get("multilane.step") == "item":
         return f"{span.name} [{a['multilane.item.index']}]"
     if a.get("multilane.agent.step") is not None:
