@@ -103,12 +103,16 @@ async def test_a_rag_run_on_the_real_stack_is_traced_with_its_load_and_a_queued_
     # the first token came after the load, and the whole call took longer than the wait for it
     assert a["multilane.time_to_first_token_s"] * 1e9 >= load.end_time - load.start_time  # type: ignore[operator]
 
-    queued = only(queued_spans, "chat assistant")
+    queued = only(children(queued_spans, only(queued_spans, "stage answer")), "chat assistant")
     q: dict[str, Any] = dict(queued.attributes or {})
     assert q["multilane.queued"] is True and q["multilane.slots.busy"] == 2 and q["multilane.slots.total"] == 2
     assert q["multilane.model_loaded"] is False and q["multilane.queue_wait_s"] > 0
     assert [s.name for s in children(queued_spans, queued)] == ["queue assistant"]
     assert not any(s.name == "open_index guide" for s in queued_spans)  # the runtime opened the index once
+    # the two streams that held the slots were calls of their own, outside any run: a span each
+    direct = [s for s in queued_spans if s.name == "chat assistant" and s is not queued]
+    assert len(direct) == 2 and all("multilane.run_id" not in (s.attributes or {}) for s in direct)
+    assert all((s.attributes or {})["multilane.slots.busy"] < 2 for s in direct)
 
 
 def test_multilane_run_trace_prints_the_answer_and_a_waterfall_of_the_real_run(leftovers: Any) -> None:
