@@ -75,15 +75,29 @@ def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
         pipeline: Annotated[str, typer.Argument(help="Pipeline to run.")],
         input: Annotated[list[str] | None, typer.Option("--input", "-i", help="An input as key=value.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+        trace: Annotated[bool, typer.Option(
+            "--trace", help="Print the run as a waterfall of its stages and calls, with queue and load times "
+                            "(on stderr).")] = False,
         verbose: Verbose = 0) -> None:
     """Run a pipeline once and print its output."""
     configure_logging(verbose)
+    from multilane.project import load_spec
     from multilane.runtime import Runtime
 
     async def go() -> None:
-        async with Runtime.from_file(file) as rt:
-            declared = rt.spec.pipeline(pipeline)
-            result = await rt.run(pipeline, _coerce(declared, _parse_inputs(input or [])))
+        spec = load_spec(file)
+        recorder = _trace_recorder(spec) if trace else None
+        try:
+            async with Runtime(spec, tracer_provider=recorder.provider if recorder else None) as rt:
+                declared = rt.spec.pipeline(pipeline)
+                result = await rt.run(pipeline, _coerce(declared, _parse_inputs(input or [])))
+        finally:
+            if recorder is not None:
+                await anyio.to_thread.run_sync(recorder.close)
+                if recorder.spans():  # also for a run that failed: the waterfall shows where
+                    from multilane.cli_trace import print_waterfall
+
+                    print_waterfall(recorder.spans())
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         elif isinstance(result.output, str):
@@ -92,6 +106,15 @@ def run(file: Annotated[Path, typer.Argument(help="Pipeline file (YAML).")],
             typer.echo(json.dumps(result.output, indent=2, default=str))
 
     _run_async(go)
+
+
+def _trace_recorder(spec: Any) -> Any:
+    """Where `run --trace` keeps the run's spans; the OpenTelemetry SDK is an extra."""
+    try:
+        from multilane.cli_trace import TraceRecorder
+    except ImportError:
+        _fail("--trace needs the OpenTelemetry SDK: pip install 'multilane[otel]'")
+    return TraceRecorder(spec.runtime.tracing)
 
 
 @app.command()

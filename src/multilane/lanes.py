@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Sequence
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Iterator, Sequence
+from contextlib import aclosing, asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,13 +54,17 @@ __all__ = [
     "UNSET",
     "Engine",
     "Lane",
+    "LaneCall",
+    "LaneCallObserver",
     "LaneMetrics",
     "LanePlan",
     "Planner",
     "Pool",
     "Prepared",
     "RequestObserver",
+    "calls_observed",
     "format_bytes",
+    "observing_calls",
 ]
 
 log = structlog.get_logger(__name__)
@@ -134,6 +139,102 @@ class LaneMetrics:
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class LaneCall:
+    """How one call went through its lane, for traces: what it waited for and when (`time.time_ns()` stamps).
+
+    `load` is the span of the model load the call waited for (None when the lane was loaded already);
+    `busy` and `ahead` are the slots running and the calls waiting when it reached the lane.
+    """
+
+    model: str  # the declared model called
+    lane: str  # the lane's name (the model that loaded it, when lanes are shared)
+    kind: str  # generate | embedding
+    slots: int
+    busy: int
+    ahead: int
+    arrived_ns: int
+    reached_ns: int  # the lane was found (loaded if needed) and the prompt prepared: the call asks for a slot
+    admitted_ns: int | None  # took a slot; None when it never did (cancelled or refused in the queue)
+    finished_ns: int
+    load: tuple[int, int] | None = None
+    first_token_ns: int | None = None
+    cached_tokens: int = 0  # prompt tokens the engine served from its prefix cache
+
+    @property
+    def queue_seconds(self) -> float:
+        """Seconds spent waiting for a slot."""
+        end = self.admitted_ns if self.admitted_ns is not None else self.finished_ns
+        return max(end - self.reached_ns, 0) / 1e9
+
+    @property
+    def queued(self) -> bool:
+        """Whether the call found every slot taken (or others waiting) and had to queue."""
+        return self.busy >= self.slots or self.ahead > 0
+
+
+LaneCallObserver = Callable[[LaneCall], None]
+"""Told of each call that a lane admitted (or queued) in the calling context; see `observing_calls`."""
+
+_call_observer: ContextVar[LaneCallObserver | None] = ContextVar("multilane_lane_call_observer", default=None)
+
+
+@contextmanager
+def observing_calls(observer: LaneCallObserver) -> Iterator[None]:
+    """Tell `observer` of every lane call made in this context (and the tasks it starts) until the block ends."""
+    token = _call_observer.set(observer)
+    try:
+        yield
+    finally:
+        _call_observer.reset(token)
+
+
+def calls_observed() -> bool:
+    """Whether the lane calls made in this context are told to an observer (the calling step reports them)."""
+    return _call_observer.get() is not None
+
+
+class _CallWatch:
+    """Takes a call's timings as the pool serves it, and tells the context's observer, if any, at the end."""
+
+    def __init__(self, model: str) -> None:
+        self.observer = _call_observer.get()
+        self.model = model
+        self.arrived = time.time_ns()
+        self.lane: Lane | None = None
+        self.busy = self.ahead = 0
+        self.reached = self.arrived
+        self.admitted: int | None = None
+        self.first_token: int | None = None
+        self.cached_tokens = 0
+
+    def checked(self, check: Callable[[Lane], Awaitable[Any]]) -> Callable[[Lane], Awaitable[Any]]:
+        """`check`, noting the lane it was asked of and what the lane looked like just before the call queues."""
+        async def noted(lane: Lane) -> Any:
+            result = await check(lane)
+            self.lane, self.busy, self.ahead, self.reached = lane, lane.busy, lane.queued, time.time_ns()
+            return result
+
+        return noted
+
+    def chunk(self, chunk: Chunk) -> None:
+        if self.first_token is None and chunk.tokens:
+            self.first_token = time.time_ns()
+        self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
+
+    def done(self) -> None:
+        lane = self.lane
+        if self.observer is None or lane is None:
+            return
+        load = None
+        loaded_ns = int(lane.loaded_at * 1e9)
+        if loaded_ns >= self.arrived:  # the lane came up while the call waited: it waited for that load
+            load = (loaded_ns - int(lane.load_seconds * 1e9), loaded_ns)
+        self.observer(LaneCall(self.model, lane.name, lane.kind, lane.parallel, self.busy, self.ahead, self.arrived,
+                               self.reached, self.admitted, time.time_ns(), load, self.first_token,
+                               self.cached_tokens))
 
 
 class _LaneClosed(Exception):
@@ -618,15 +719,21 @@ class Pool:
     async def stream(self, name: str, messages: Sequence[Message] | str, options: SamplingOptions, *,
                      truncate: bool = False, keep_alive: float | None = UNSET) -> AsyncGenerator[Chunk, None]:
         """Stream a completion from a generate model (a str is a raw prompt); cancelling the consumer aborts it."""
-        started = time.perf_counter()
-        lane, prompt = await self._leased(
-            name, keep_alive, lambda lane: lane.prepare(messages, options.max_tokens, truncate=truncate))
+        started, watch = time.perf_counter(), _CallWatch(name)
         try:
-            async with aclosing(lane._stream_in_slot(prompt, options, name, started)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+            lane, prompt = await self._leased(
+                name, keep_alive, watch.checked(lambda lane: lane.prepare(messages, options.max_tokens,
+                                                                          truncate=truncate)))
+            watch.admitted = time.time_ns()
+            try:
+                async with aclosing(lane._stream_in_slot(prompt, options, name, started)) as chunks:
+                    async for chunk in chunks:
+                        watch.chunk(chunk)
+                        yield chunk
+            finally:
+                lane._release()
         finally:
-            lane._release()
+            watch.done()
 
     async def generate(self, name: str, messages: Sequence[Message] | str, options: SamplingOptions, *,
                        truncate: bool = False, keep_alive: float | None = UNSET) -> Completion:
@@ -640,8 +747,13 @@ class Pool:
                 raise EngineError(f"model '{name}' is a generate model; it cannot embed text")
             return lane.engine
 
-        started = time.perf_counter()
-        lane, engine = await self._leased(name, keep_alive, is_embedding)
+        started, watch = time.perf_counter(), _CallWatch(name)
+        try:
+            lane, engine = await self._leased(name, keep_alive, watch.checked(is_embedding))
+        except BaseException:
+            watch.done()
+            raise
+        watch.admitted = time.time_ns()
         try:
             self.metrics[name].requests += 1
             try:
@@ -654,6 +766,7 @@ class Pool:
                 raise
         finally:
             lane._release()
+            watch.done()
 
     async def count_tokens(self, name: str, texts: Sequence[str]) -> int:
         """How many tokens texts make in a model's own tokenizer, counted in a worker thread, off the event loop.

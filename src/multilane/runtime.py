@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Tracer, TracerProvider
 
 from multilane.durations import parse_duration
 from multilane.engines.base import Chunk, Completion, EmbeddingEngine, Message, SamplingOptions
@@ -24,7 +26,7 @@ from multilane.errors import EngineError, JournalError, MultilaneError, ResumeEr
 from multilane.evaluation.dataset import GoldSet
 from multilane.journal import CacheCounts, CacheLayer, Journal, JournalLayer, LoadedRun, ReplayLayer, ResumeLayer
 from multilane.journal import journal_path as spec_journal_path
-from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool
+from multilane.lanes import UNSET, Engine, Lane, LanePlan, Pool, calls_observed
 from multilane.pipeline.executor import RunEvent, RunResult, execute
 from multilane.planning import EngineFactory, auto_budget, has_gpu, plan_model, plan_with_factory
 from multilane.progress import ProgressCallback, ProgressUpdate, reporting, step
@@ -33,7 +35,16 @@ from multilane.project import load_spec
 from multilane.retrieval import OpenedIndex, open_index
 from multilane.sources import multilane_home
 from multilane.spec import PipelineSpec, Spec
-from multilane.steps import Codec, Layer, Scope, canonical_json
+from multilane.steps import Codec, Layer, Scope, Step, StepKind, canonical_json, model_attrs
+from multilane.tracing import (
+    TracedStep,
+    TraceLayer,
+    capture_content,
+    export_provider,
+    index_span,
+    tracer_of,
+    tracing_off,
+)
 
 if TYPE_CHECKING:
     from multilane.agents import Agent, AgentResult
@@ -80,11 +91,13 @@ class Runtime:
     and replayed. An `offline` runtime loads no model: it is for replays.
     `progress` receives the progress of long work (GGUF conversions, model loads, index builds); without it,
     progress goes to the callback of the calling context (`multilane.progress.reporting`), if any.
+    Every run is traced (see `multilane.tracing`) to `tracer_provider`, or else to the exporter that
+    `runtime.tracing` or the OTEL_* variables name, or else to the global tracer provider (a no-op until set).
     """
 
     def __init__(self, spec: Spec, *, engines: EngineFactory | None = None, index_root: Path | None = None,
                  progress: ProgressCallback | None = None, journal: str | os.PathLike[str] | None = None,
-                 offline: bool = False) -> None:
+                 offline: bool = False, tracer_provider: TracerProvider | None = None) -> None:
         self.spec = spec
         self.offline = offline
         self._engine_factory = _offline_engines if offline else engines
@@ -106,6 +119,9 @@ class Runtime:
         self._index_locks: dict[str, anyio.Lock] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self._agents: Mapping[str, Agent] | None = dict(spec.agents) if spec.agents else None
+        self._tracer_provider = tracer_provider
+        self._exporting: Any = None  # the SDK tracer provider the runtime built to export, shut down on close
+        self._trace: TraceLayer | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> Runtime:
@@ -124,6 +140,7 @@ class Runtime:
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._pool.reap_forever)
         try:
+            self._open_tracing()
             await self._open_journal(self._task_group)
             for name, model in self.spec.models.items():  # pinned and preloaded models load at start
                 if (model.preload or model.keep_alive_seconds is None) and not self.offline:
@@ -141,15 +158,34 @@ class Runtime:
         """Stop every engine and write what the journal has queued; the runtime cannot run anything afterwards."""
         group, self._task_group = self._task_group, None
         journal, self._journal = self._journal, None
+        exporting, self._exporting, self._trace = self._exporting, None, None
         self._indexes.clear()
         try:
             await self._pool.close()
         finally:
             if journal is not None:
                 await journal.close()
+            if exporting is not None:  # send the spans still batched before the process may exit
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(exporting.shutdown)
             if group is not None:
                 group.cancel_scope.cancel()
                 await group.__aexit__(None, None, None)
+
+    def _open_tracing(self) -> None:
+        """Choose where the runtime's spans go: the given provider, the configured exporter, or the global provider."""
+        setting = self.spec.runtime.tracing
+        provider = self._tracer_provider
+        if provider is None:
+            if tracing_off(setting):
+                return
+            provider = self._exporting = export_provider(setting)
+        self._trace = TraceLayer(tracer_of(provider), content=capture_content(setting))
+
+    @property
+    def tracer(self) -> Tracer | None:
+        """The tracer the runtime's spans go to while it is open (None when tracing is off), for the server's spans."""
+        return self._trace.tracer if self._trace is not None else None
 
     async def _open_journal(self, group: anyio.abc.TaskGroup) -> None:
         """Open the journal (its writer runs in the runtime's task group) and the call cache over it."""
@@ -220,25 +256,79 @@ class Runtime:
         With `raw=True`, `messages` is a prompt string tokenized as is, without the chat template.
         """
         self._check_open()
-        return await self._pool.generate(model, _as_prompt(messages, raw), options or SamplingOptions(),
-                                         truncate=truncate, keep_alive=_keep_alive(keep_alive))
+        prompt, options = _as_prompt(messages, raw), options or SamplingOptions()
+        traced = self._direct("model", model_attrs(model, prompt, options, truncate=truncate, cache=None))
+        if traced is None:
+            return await self._pool.generate(model, prompt, options, truncate=truncate,
+                                             keep_alive=_keep_alive(keep_alive))
+        try:
+            with trace.use_span(traced.span, record_exception=False, set_status_on_exception=False), \
+                    traced.observing():
+                done = await self._pool.generate(model, prompt, options, truncate=truncate,
+                                                 keep_alive=_keep_alive(keep_alive))
+        except BaseException as exc:
+            traced.failed(exc)
+            raise
+        traced.succeeded(done)
+        return done
+
+    def _direct(self, kind: StepKind, attrs: dict[str, Any]) -> TracedStep | None:
+        """The span of a model call made outside a run (an API request, a script), when tracing is on.
+
+        A call made inside a run's step is part of that step's span already (its lane figures go there).
+        """
+        if self._trace is None or calls_observed():
+            return None
+        return self._trace.start(Step(kind, "", "", attrs, leaf=True))
 
     async def generate_stream(self, model: str, messages: Sequence[Message] | str,
                               options: SamplingOptions | None = None, *, truncate: bool = False,
                               keep_alive: str | float | None = None, raw: bool = False) -> AsyncGenerator[Chunk, None]:
         """Stream a completion chunk by chunk (`raw` as in `generate`); leaving the loop early aborts the request."""
         self._check_open()
-        chunks = self._pool.stream(model, _as_prompt(messages, raw), options or SamplingOptions(),
-                                   truncate=truncate, keep_alive=_keep_alive(keep_alive))
+        prompt, options = _as_prompt(messages, raw), options or SamplingOptions()
+        traced = self._direct("model", model_attrs(model, prompt, options, truncate=truncate, cache=None))
+        chunks = self._pool.stream(model, prompt, options, truncate=truncate, keep_alive=_keep_alive(keep_alive))
         async with aclosing(chunks):  # a caller leaving early aborts the request before the slot is reused
-            async for chunk in chunks:
-                yield chunk
+            if traced is None:
+                async for chunk in chunks:
+                    yield chunk
+                return
+            # The span is never made the current one here, nor the observer left set: between two chunks the
+            # consumer runs in this context, maybe in another task. The lane takes its observer on the first.
+            seen: list[Chunk] = []
+            try:
+                with traced.observing():
+                    first = await anext(chunks, None)
+                if first is not None:
+                    seen.append(first)
+                    yield first
+                    async for chunk in chunks:
+                        seen.append(chunk)
+                        yield chunk
+            except BaseException as exc:
+                traced.failed(exc)
+                raise
+            traced.succeeded(Completion("".join(c.text for c in seen), max((c.prompt_tokens for c in seen), default=0),
+                                        sum(c.tokens for c in seen),
+                                        next((c.finish_reason for c in reversed(seen) if c.finish_reason), None)))
 
     async def embed(self, model: str, texts: Sequence[str], *,
                     keep_alive: str | float | None = None) -> np.ndarray:
         """Embed texts with a declared embedding model, as L2-normalised float32 rows."""
         self._check_open()
-        return await self._pool.embed(model, texts, keep_alive=_keep_alive(keep_alive))
+        traced = self._direct("embed", {"model": model, "texts": len(texts)})
+        if traced is None:
+            return await self._pool.embed(model, texts, keep_alive=_keep_alive(keep_alive))
+        try:
+            with trace.use_span(traced.span, record_exception=False, set_status_on_exception=False), \
+                    traced.observing():
+                vectors = await self._pool.embed(model, texts, keep_alive=_keep_alive(keep_alive))
+        except BaseException as exc:
+            traced.failed(exc)
+            raise
+        traced.succeeded(vectors)
+        return vectors
 
     # ---- indexes and pipelines
 
@@ -262,14 +352,17 @@ class Runtime:
 
                     patterns, base_dir = list(CORPUS_PATTERNS), await anyio.to_thread.run_sync(
                         corpus_folder, declared.corpus)
-                with reporting(self._progress), _IndexProgress(name) as embedded:
+                with reporting(self._progress), _IndexProgress(name) as embedded, \
+                        index_span(self.tracer, name) as traced:
                     async with self._pool.hold(declared.embedder) as lane:
+                        traced.held(lane)
                         embedder = _LaneEmbedder(self._pool, declared.embedder, lane.engine)  # type: ignore[arg-type]
                         opened = await open_index(
                             name, patterns=patterns, base_dir=base_dir,
                             embedder=embedder, chunk_tokens=declared.chunk_tokens,
                             chunk_overlap=declared.chunk_overlap, root=self._index_root / self._index_folder(name),
                             rebuild=rebuild, headings=declared.chunk_headings, progress=embedded.report)
+                    traced.opened(opened)
                 self._indexes[name] = opened
                 log.info("index ready", index=name, status=opened.status, chunks=opened.chunks,
                          documents=opened.documents, device=opened.device)
@@ -285,7 +378,7 @@ class Runtime:
         self._check_open()
         declared = self.spec.pipeline(pipeline)
         bound = declared.check_inputs({**(inputs or {}), **kwargs}, pipeline=pipeline)
-        return await self._execute(pipeline, declared, bound, self._layers())
+        return await self._execute(pipeline, declared, bound, [*self._tracing(), *self._layers()])
 
     async def resume(self, run_id: str, *, force: bool = False) -> RunResult:
         """Finish a journaled run that was interrupted (or failed): its finished stages, items, agent steps and
@@ -315,8 +408,8 @@ class Runtime:
                  finished_steps=sum(step.ok for step in loaded.steps.values()))
         self._resuming.add(run_id)
         try:
-            return await self._execute(run.pipeline, declared, bound,
-                                       [ResumeLayer(loaded.steps), *self._layers(attempt=run.attempts + 1)], run_id)
+            layers = [*self._tracing(), ResumeLayer(loaded.steps), *self._layers(attempt=run.attempts + 1)]
+            return await self._execute(run.pipeline, declared, bound, layers, run_id)
         finally:
             self._resuming.discard(run_id)
 
@@ -333,13 +426,18 @@ class Runtime:
             log.warning("replaying with a changed pipeline file", run_id=run_id, file=run.spec_file)
         declared = self.spec.pipeline(run.pipeline)
         bound = declared.check_inputs(run.inputs, pipeline=run.pipeline)
-        return await self._execute(run.pipeline, declared, bound, [ReplayLayer(run_id, loaded.steps)], run_id)
+        return await self._execute(run.pipeline, declared, bound, [*self._tracing(), ReplayLayer(run_id, loaded.steps)],
+                                   run_id)
 
     async def _load_run(self, run_id: str, purpose: str) -> LoadedRun:
         if self._journal is None:
             raise JournalError(f"cannot {purpose} run '{run_id}': this runtime has no journal "
                                f"({'runtime.journal is off' if self._journal_file is None else 'it is closed'})")
         return await self._journal.load(run_id)
+
+    def _tracing(self) -> list[Layer]:
+        """The trace layer, outermost: its spans cover steps that a later layer answers (resume, replay, cache)."""
+        return [self._trace] if self._trace is not None else []
 
     def _layers(self, *, attempt: int = 1) -> list[Layer]:
         """The layers of a run's steps: the journal records them, the cache answers repeated model calls."""
@@ -400,7 +498,8 @@ class Runtime:
         problems = check_agent(resolved, self.spec)  # an agent defined in a script was never checked
         if problems:
             raise UnknownNameError("; ".join(problems))
-        scope = Scope(uuid.uuid4().hex[:12], layers=[self._cache] if self._cache is not None else []).child("agent")
+        layers = [*self._tracing(), *([self._cache] if self._cache is not None else [])]
+        scope = Scope(uuid.uuid4().hex[:12], layers=layers).child("agent")
         return await run_agent(resolved, task, self, scope=scope)
 
     @asynccontextmanager
@@ -421,7 +520,8 @@ class Runtime:
         async def produce() -> None:
             async with send:
                 try:
-                    await self._execute(pipeline, declared, bound, self._layers(), sink=send.send)
+                    await self._execute(pipeline, declared, bound, [*self._tracing(), *self._layers()],
+                                        sink=send.send)
                 except MultilaneError as exc:
                     failure.append(exc)
 

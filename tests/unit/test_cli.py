@@ -232,6 +232,44 @@ def test_run_json_prints_the_whole_result(cli: CliRunner, tmp_path: Path, fake_m
     assert {e["stage"] for e in data["events"]} == {"passages", "answer"}
 
 
+def test_run_trace_draws_the_run_as_a_waterfall_on_stderr_and_leaves_stdout_the_answer(
+        cli: CliRunner, tmp_path: Path, fake_models: dict[str, int]) -> None:
+    write_docs(tmp_path)
+    result = cli.invoke(app, ["run", str(write(tmp_path, PIPELINE)), "ask", "-i", "question=what is lava?",
+                              "--trace"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "Lava is surface magma."
+    lines = result.stderr.rstrip().splitlines()
+    assert lines[0].startswith("trace ") and " · run " in lines[0]
+    assert lines[1].split()[0] == "step"
+    rows = lines[2:-1]
+    assert [" ".join(line.split()[:2]) for line in rows] == [
+        "invoke_workflow ask", "stage passages", "retrieval docs", "open_index docs", "embeddings embedder",
+        "stage answer", "chat assistant"]
+    assert rows[0].startswith("invoke_workflow ask") and rows[1].startswith("  stage passages")  # nested
+    chat = rows[-1]
+    assert "█" in chat
+    assert "tok" in chat and "load" in chat and "ttft" in chat  # the call that loaded the model says so
+    assert "built, 1 chunks" in rows[3]
+    assert "waiting for the model to load" in lines[-1]  # the legend
+
+
+def test_run_trace_of_a_failing_run_shows_where_it_failed(cli: CliRunner, tmp_path: Path,
+                                                          fake_models: dict[str, int]) -> None:
+    path = write(tmp_path, PIPELINE.replace('documents: "docs/*.md"', 'documents: "nothing/*.md"'))
+    result = cli.invoke(app, ["run", str(path), "ask", "-i", "question=what is lava?", "--trace"])
+
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    failed = [line.split()[:2] for line in lines if "✗" in line]
+    assert failed == [["invoke_workflow", "ask"], ["stage", "passages"], ["retrieval", "docs"],
+                      ["open_index", "docs"]]
+    build = next(line for line in lines if line.strip().startswith("open_index docs"))
+    assert "✗ IndexBuildError: no files match" in build  # the message where it arose; above, only "failed"
+    assert result.stderr.rstrip().splitlines()[-1].startswith("error: ")
+
+
 def test_index_build_with_a_missing_model_source_says_not_found(cli: CliRunner, tmp_path: Path) -> None:
     write_docs(tmp_path)
     path = write(tmp_path, PIPELINE.replace("source: ./embedder", "source: ./missing-model"))

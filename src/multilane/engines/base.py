@@ -31,6 +31,7 @@ class Chunk:
     tokens: int
     finish_reason: str | None = None  # set on the last chunk
     prompt_tokens: int = 0  # set by the lane on every chunk it passes on
+    cached_tokens: int = 0  # prompt tokens the engine served from its prefix cache, where it says
 
 
 @dataclass(frozen=True)

@@ -201,12 +201,17 @@ class VLLMEngine:
         engine = cls(llm, identity=identity, context=context, device=device,
                      dtype=str(llm.vllm_config.model_config.dtype).removeprefix("torch."), stats=stats,
                      capacity=read_capacity(llm, context=context, planned=kv))
+        # This frame can outlive the engine: vLLM keeps the ImportError of an optional backend (torchcodec) with
+        # its traceback, whose frames lead back here through the lazy `from vllm import ...` above. Holding the
+        # AsyncLLM in a local would keep it alive after close() until the interpreter exits, where its __del__
+        # fails noisily; the engine object lets go of it when it closes.
+        del llm
         try:
             if engine.capacity is not None:
                 check_capacity(name, engine.capacity, parallel=parallel, context=context, planned=kv)
             # vLLM asks its engine core for the supported tasks at the first request, and a core that died
             # before then never answers: that first call would wait for ever. Ask now, while it is alive.
-            await llm.get_supported_tasks()
+            await engine._llm.get_supported_tasks()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await engine.close()
@@ -253,7 +258,8 @@ class VLLMEngine:
                 piece = out.outputs[0]
                 finished = out.finished
                 yield Chunk(piece.text, len(piece.token_ids),
-                            finish_reason=piece.finish_reason if finished else None)
+                            finish_reason=piece.finish_reason if finished else None,
+                            cached_tokens=getattr(out, "num_cached_tokens", None) or 0)
         except Exception as exc:
             if getattr(self._llm, "errored", False):
                 raise _engine_error(_Dead()) from exc

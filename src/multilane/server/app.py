@@ -23,6 +23,7 @@ from multilane.server import lanes_page, ollama_api, openai_api, pipelines, resp
 from multilane.server.errors import error_response, install_error_handlers, log_refusal
 from multilane.server.metrics import ServerMetrics
 from multilane.server.recent_runs import RecentRunBuffer
+from multilane.server.traces import TraceRequests
 
 log = structlog.get_logger(__name__)
 
@@ -196,6 +197,8 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
+    # outside auth and limits, so that refused requests show in the caller's trace too
+    app.add_middleware(TraceRequests, tracer=lambda: runtime.tracer, routes=app.router.routes)
     app.add_middleware(RequestIds)  # added last: runs first, so that refusals carry an id too
     return app
 

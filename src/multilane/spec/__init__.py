@@ -27,6 +27,7 @@ from multilane.spec.models import (
     Stage,
     StageBase,
     ToolCallStage,
+    TracingSpec,
     stage_order,
 )
 from multilane.spec.sizes import parse_size
@@ -56,6 +57,7 @@ __all__ = [
     "Stage",
     "StageBase",
     "ToolCallStage",
+    "TracingSpec",
     "check_spec",
     "combine_problems",
     "describe_value",

@@ -44,6 +44,7 @@ __all__ = [
     "Stage",
     "StageBase",
     "ToolCallStage",
+    "TracingSpec",
     "stage_order",
 ]
 
@@ -194,14 +195,36 @@ def _is_remote(engine: Any) -> bool:
     return isinstance(engine, dict) and engine.get("kind") == "remote"
 
 
+class TracingSpec(_Model):
+    """Where a runtime's spans go: `otlp` (an OpenTelemetry collector), `console` (stderr) or `off`.
+
+    Written as a word (`tracing: otlp`) or a mapping; what it leaves out comes from the OTEL_* variables.
+    """
+
+    export: Literal["off", "otlp", "console"] = "otlp"
+    endpoint: str | None = Field(default=None, min_length=1)  # OTLP over HTTP, e.g. http://localhost:4318
+    service_name: str | None = Field(default=None, min_length=1)
+    content: bool | None = None  # record prompts, outputs, tool arguments and results on the spans
+
+    @model_validator(mode="before")
+    @classmethod
+    def _word(cls, data: Any) -> Any:
+        if data is False or isinstance(data, str):
+            data = {"export": data}
+        if isinstance(data, dict) and data.get("export") is False:  # YAML reads a bare `off` as false
+            data = {**data, "export": "off"}
+        return data
+
+
 class RuntimeSpec(_Model):
-    """Runtime-wide limits (lanes loaded, memory budget, queue size) and where runs are journaled."""
+    """Runtime-wide limits (lanes loaded, memory budget, queue size), where runs are journaled and traced."""
 
     max_loaded_models: int = Field(default=3, ge=1)
     memory_budget: MemoryBudget = "auto"
     max_queue: int = Field(default=512, ge=0)
     journal: JournalSetting = None  # a SQLite file (relative to the pipeline file), "off", or None: the default
     durable: bool = False  # a run fails when its journal cannot be written, instead of going on without it
+    tracing: TracingSpec | None = None  # None: the OTEL_* variables decide (or the host's tracer provider)
 
     @model_validator(mode="after")
     def _durable_needs_a_journal(self) -> RuntimeSpec:
