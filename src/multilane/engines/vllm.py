@@ -186,21 +186,28 @@ class VLLMEngine:
             await anyio.to_thread.run_sync(build)
         except Exception as exc:
             raise load_error(name, path, exc, context=context, parallel=parallel, dtype=dtype, kv=kv) from exc
-        llm = box.pop()
-        engine = cls(llm, identity=identity, context=context, device=device,
-                     dtype=str(llm.vllm_config.model_config.dtype).removeprefix("torch."), stats=stats,
-                     capacity=read_capacity(llm, context=context, planned=kv))
+        # No local of this frame may hold the AsyncLLM: vLLM's lazy imports above keep a traceback that holds
+        # this frame, locals and all, until the interpreter exits, and the engine would only be freed then,
+        # when its __del__ fails (a traceback in the log at every exit).
+        engine = cls._wrap(box.pop(), identity=identity, context=context, device=device, stats=stats, planned=kv)
         try:
             if engine.capacity is not None:
                 check_capacity(name, engine.capacity, parallel=parallel, context=context, planned=kv)
             # vLLM asks its engine core for the supported tasks at the first request, and a core that died
             # before then never answers: that first call would wait for ever. Ask now, while it is alive.
-            await llm.get_supported_tasks()
+            await engine._llm.get_supported_tasks()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await engine.close()
             raise
         return engine
+
+    @classmethod
+    def _wrap(cls, llm: Any, *, identity: str, context: int, device: str, stats: EngineStats,
+              planned: KVPlan | None) -> VLLMEngine:
+        return cls(llm, identity=identity, context=context, device=device,
+                   dtype=str(llm.vllm_config.model_config.dtype).removeprefix("torch."), stats=stats,
+                   capacity=read_capacity(llm, context=context, planned=planned))
 
     def render(self, messages: Sequence[Message]) -> str:
         """Apply the model's chat template; a model without one gets plain role-prefixed turns."""
