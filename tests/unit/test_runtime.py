@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from multilane import MultilaneError, Runtime
@@ -47,7 +48,7 @@ async def _closed_from_elsewhere(rt: Runtime, engine: FakeGenerateEngine,
         await rt.run("ask", question="first")
         await close(rt)
         assert engine.closed  # close returned once the engine had closed
-        await anyio.sleep(0)  # the block itself is not cancelled: it goes on after the close
+        await anyio.lowlevel.checkpoint()  # the block itself is not cancelled: it goes on after the close
         with pytest.raises(RuntimeClosedError, match="closed"):
             await rt.run("ask", question="after")
         assert rt.journal is None
