@@ -481,6 +481,8 @@ class Pool:
         self._wake = anyio.Event()
         self._requests = 0
         self._closed = False
+        self._draining = False
+        self._waiting: set[anyio.CancelScope] = set()  # calls waiting for a slot; drain() refuses them
         self.metrics: dict[str, LaneMetrics] = {name: LaneMetrics() for name in models}
         self.observers: list[RequestObserver] = []  # e.g. the HTTP server's latency histograms
 
@@ -499,10 +501,21 @@ class Pool:
         """The pool was closed: it loads and runs nothing more."""
         return self._closed
 
+    @property
+    def draining(self) -> bool:
+        """drain() was called: the pool finishes the calls it runs and takes no new ones."""
+        return self._draining
+
     def _check_open(self, name: str) -> None:
+        if self._closed or self._draining:
+            raise self._refusal_closed(name)
+
+    def _refusal_closed(self, name: str) -> RuntimeClosedError:
         if self._closed:
-            raise RuntimeClosedError(f"model '{name}': the runtime is closed (shutting down or shut down) and "
-                                     "runs nothing more; open a new Runtime")
+            return RuntimeClosedError(f"model '{name}': the runtime is closed (shutting down or shut down) and "
+                                      "runs nothing more; open a new Runtime")
+        return RuntimeClosedError(f"model '{name}': the runtime is shutting down; it finishes the calls it runs "
+                                  "and starts no new ones; retry on another server")
 
     def _check_declared(self, name: str) -> None:
         if name not in self._models:
@@ -700,12 +713,38 @@ class Pool:
             lane = await self._claim(name)
             try:
                 checked = await check(lane) if check is not None else None
-                await lane._acquire(keep_alive)
+                await self._admit(lane, name, keep_alive)
             except _LaneClosed:
                 continue  # retired under us (engine death, or the pool closing): look it up again
             finally:
                 self._unclaim(lane)
             return lane, checked
+
+    async def _admit(self, lane: Lane, name: str, keep_alive: float | None) -> None:
+        """Take a slot on the lane, or wait for one; a call still waiting when drain() is called is refused."""
+        self._check_open(name)
+        with anyio.CancelScope() as waiting:
+            self._waiting.add(waiting)
+            try:
+                await lane._acquire(keep_alive)  # a cancelled waiter leaves the queue (or passes on its slot)
+            finally:
+                self._waiting.discard(waiting)
+        if waiting.cancelled_caught:  # only drain() cancels this scope
+            raise self._refusal_closed(name)
+
+    def drain(self) -> int:
+        """Refuse new calls and wake every call waiting for a slot with RuntimeClosedError; running calls go on.
+
+        For a shutdown: what has not started can be retried elsewhere at once. Returns how many waiting calls
+        were refused; close() still unloads the lanes.
+        """
+        self._draining = True
+        waiting = list(self._waiting)
+        for scope in waiting:
+            scope.cancel()
+        if waiting:
+            log.info("pool draining", refused=len(waiting))
+        return len(waiting)
 
     @asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[Lane]:

@@ -22,7 +22,14 @@ from opentelemetry.trace import Tracer, TracerProvider
 
 from multilane.durations import parse_duration
 from multilane.engines.base import Chunk, Completion, EmbeddingEngine, Message, SamplingOptions
-from multilane.errors import EngineError, JournalError, MultilaneError, ResumeError, UnknownNameError
+from multilane.errors import (
+    EngineError,
+    JournalError,
+    MultilaneError,
+    ResumeError,
+    RuntimeClosedError,
+    UnknownNameError,
+)
 from multilane.evaluation.dataset import GoldSet
 from multilane.journal import CacheCounts, CacheLayer, Journal, JournalLayer, LoadedRun, ReplayLayer, ResumeLayer
 from multilane.journal import journal_path as spec_journal_path
@@ -117,7 +124,9 @@ class Runtime:
                           max_queue=runtime.max_queue)
         self._indexes: dict[str, OpenedIndex] = {}
         self._index_locks: dict[str, anyio.Lock] = {}
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None  # entered by __aenter__, exited by __aexit__ only
+        self._background: list[anyio.CancelScope] = []  # the reaper's and the journal writer's
+        self._closed: anyio.Event | None = None  # set once close() has finished
         self._agents: Mapping[str, Agent] | None = dict(spec.agents) if spec.agents else None
         self._tracer_provider = tracer_provider
         self._exporting: Any = None  # the SDK tracer provider the runtime built to export, shut down on close
@@ -136,12 +145,13 @@ class Runtime:
     async def __aenter__(self) -> Runtime:
         if self._pool.budget_bytes is None:
             self._pool.budget_bytes = auto_budget(gpu=self._engine_factory is None and has_gpu())
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._pool.reap_forever)
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._task_group, self._background, self._closed = group, [], None
+        self._start_background(self._pool.reap_forever)
         try:
             self._open_tracing()
-            await self._open_journal(self._task_group)
+            await self._open_journal()
             for name, model in self.spec.models.items():  # pinned and preloaded models load at start
                 if (model.preload or model.keep_alive_seconds is None) and not self.offline:
                     await self._pool.lane(name)
@@ -152,25 +162,54 @@ class Runtime:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self.close()
+        try:
+            await self.close()
+        finally:
+            # The task group can only be left by the task that entered it, from where it entered it: here.
+            group, self._task_group = self._task_group, None
+            if group is not None:
+                await group.__aexit__(None, None, None)
 
     async def close(self) -> None:
-        """Stop every engine and write what the journal has queued; the runtime cannot run anything afterwards."""
-        group, self._task_group = self._task_group, None
+        """Stop every engine, write what the journal has queued and stop the background tasks.
+
+        Any task may call it, any number of times: each call returns once everything has stopped, and calls
+        made afterwards raise RuntimeClosedError. The end of the `async with` block closes it too.
+        """
+        if self._closed is not None:
+            await self._closed.wait()
+            return
+        self._closed = anyio.Event()
         journal, self._journal = self._journal, None
         exporting, self._exporting, self._trace = self._exporting, None, None
         self._indexes.clear()
         try:
             await self._pool.close()
         finally:
-            if journal is not None:
-                await journal.close()
-            if exporting is not None:  # send the spans still batched before the process may exit
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(exporting.shutdown)
-            if group is not None:
-                group.cancel_scope.cancel()
-                await group.__aexit__(None, None, None)
+            try:
+                if journal is not None:
+                    await journal.close()
+                if exporting is not None:  # send the spans still batched before the process may exit
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(exporting.shutdown)
+            finally:
+                # Only the background tasks are cancelled, each in its own scope: cancelling the task group's
+                # scope would cancel the block of whoever opened the runtime, and only its owner may leave it.
+                for scope in self._background:
+                    scope.cancel()
+                self._closed.set()
+
+    def _start_background(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work` in the runtime's task group until it returns or close() stops it."""
+        assert self._task_group is not None
+        scope = anyio.CancelScope()
+        self._background.append(scope)
+
+        async def run() -> None:
+            with scope:
+                await work()
+
+        self._task_group.start_soon(run)
 
     def _open_tracing(self) -> None:
         """Choose where the runtime's spans go: the given provider, the configured exporter, or the global provider."""
@@ -187,12 +226,12 @@ class Runtime:
         """The tracer the runtime's spans go to while it is open (None when tracing is off), for the server's spans."""
         return self._trace.tracer if self._trace is not None else None
 
-    async def _open_journal(self, group: anyio.abc.TaskGroup) -> None:
+    async def _open_journal(self) -> None:
         """Open the journal (its writer runs in the runtime's task group) and the call cache over it."""
         if self._journal_file is not None:
             journal = Journal(self._journal_file, durable=self.spec.runtime.durable)
             await journal.open()
-            group.start_soon(journal.write_forever)
+            self._start_background(journal.write_forever)
             self._journal = journal
         self._cache = CacheLayer(identity=self._model_identity, wanted=lambda model: self.spec.model(model).cache,
                                  counts=self.cache_counts, journal=self._journal)
@@ -207,6 +246,9 @@ class Runtime:
         return self._journal
 
     def _check_open(self) -> None:
+        if self._closed is not None:
+            raise RuntimeClosedError("the runtime is closed (shutting down or shut down) and runs nothing more; "
+                                     "open a new Runtime")
         if self._task_group is None:
             raise MultilaneError("the runtime is not open; use `async with Runtime(...) as rt:`")
 

@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "integration-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-GRACE = 10
+GRACE = 20  # the short calls of the SIGTERM test finish well within it, on a busy machine too
 
 SPEC = """
 models:
@@ -311,30 +311,90 @@ def test_a_prompt_longer_than_the_context_is_a_400_with_the_token_counts(server:
     assert "more than its context of 1024 tokens" in reply.json()["error"]["message"]
 
 
-def test_sigterm_finishes_in_flight_calls_then_exits_cleanly(server: Server, leftovers: Any) -> None:
-    """Runs last: it stops the module's server."""
-    pieces: list[str] = []
-    first = threading.Event()
+def _queued(server: Server) -> int:
+    models = httpx.get(f"{server.url}/api/ps", headers=AUTH).json()["models"]
+    return int(next(m["multilane"] for m in models if m["name"] == "assistant")["queued"])
 
-    def stream() -> None:
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, timeout=60, json={
-                "model": "assistant", "max_tokens": 40, "stream": True,
-                "messages": [{"role": "user", "content": "Describe the sea."}]}) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    pieces.append(line[len("data: "):])
-                    first.set()
 
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert first.wait(60)
-    started = time.monotonic()
+def _shutting_down(reply: httpx.Response) -> bool:
+    body = reply.json()["error"]
+    return reply.status_code == 503 and reply.headers.get("retry-after") == "1" and body["code"] == "shutting_down"
+
+
+def test_sigterm_refuses_what_has_not_started_lets_running_calls_finish_and_cuts_the_rest(
+        server: Server, leftovers: Any) -> None:
+    """Runs last: it stops the module's server. Two long calls outlast the grace, two short ones do not, two wait
+    in the queue; SIGTERM, then one more call."""
+    _wait_busy(server, lambda busy: busy == 0, 120)  # earlier tests' calls have all finished
+    ended: list[str] = []  # calls in the order their answers ended
+    replies: dict[str, httpx.Response] = {}
+    streams: dict[str, list[str]] = {}
+    lock = threading.Lock()
+
+    def body(name: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+        return {"model": "assistant", "max_tokens": max_tokens, "ignore_eos": True, "stream": stream,
+                "messages": [{"role": "user", "content": f"Write a long story about the sea ({name})."}]}
+
+    def whole(name: str, max_tokens: int) -> None:
+        reply = httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, timeout=600,
+                           json=body(name, max_tokens, False))
+        with lock:
+            replies[name] = reply
+            ended.append(name)
+
+    def streamed(name: str, max_tokens: int) -> None:
+        pieces: list[str] = []
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, timeout=600,
+                          json=body(name, max_tokens, True)) as response:
+            assert response.status_code == 200
+            pieces += [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+        with lock:
+            streams[name] = pieces
+            ended.append(name)
+
+    # 900 tokens take far longer than the grace; 64 tokens take a few seconds: long enough to be still running
+    # when the queued calls have been seen queued and the signal is sent, short enough to finish in the grace.
+    calls = [threading.Thread(target=streamed, args=("long-stream", 900)),
+             threading.Thread(target=whole, args=("long-whole", 900))]
+    calls += [threading.Thread(target=streamed, args=(f"short-{i}", 64)) for i in (1, 2)]
+    calls += [threading.Thread(target=whole, args=(f"queued-{i}", 64)) for i in (1, 2)]
+    for call in calls[:2]:
+        call.start()
+    _wait_busy(server, lambda busy: busy == 2, 120)
+    for call in calls[2:4]:
+        call.start()
+    _wait_busy(server, lambda busy: busy == 4, 120)
+    for call in calls[4:]:
+        call.start()
+    deadline = time.monotonic() + 120  # a guard against a hang, not a measure
+    while _queued(server) < 2:
+        assert time.monotonic() < deadline, server.log.read_text()[-2000:]
+        time.sleep(0.05)
+
     server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(GRACE + 30) == 0, server.log.read_text()[-3000:]
-    reader.join(10)
-    assert pieces[-1] == "[DONE]"  # the in-flight call finished
-    assert json.loads(pieces[-2])["choices"][0]["finish_reason"] in ("stop", "length")
-    assert time.monotonic() - started < GRACE + 30
+    for call in calls[4:]:
+        call.join(120)
+    # The queued calls were refused at once, and so is a call that arrives during the grace.
+    assert all(_shutting_down(replies[f"queued-{i}"]) for i in (1, 2)), (ended, {n: r.text for n, r in replies.items()})
+    late = httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, timeout=60, json=body("late", 8, False))
+    assert _shutting_down(late), late.text
+
+    assert server.proc.wait(600) == 0, server.log.read_text()[-3000:]
+    for call in calls:
+        call.join(60)
+    log = server.log.read_text()
+    for i in (1, 2):  # the running short calls finished
+        pieces = streams[f"short-{i}"]
+        assert pieces[-1] == "[DONE]" and json.loads(pieces[-2])["choices"][0]["finish_reason"] == "length", log
+    # The long ones were cut when the grace ran out: a 503, or an error event in the stream that had begun.
+    assert _shutting_down(replies["long-whole"]) and "grace ran out" in replies["long-whole"].text
+    assert json.loads(streams["long-stream"][-2])["error"]["code"] == "shutting_down"
+    assert streams["long-stream"][-1] == "[DONE]"
+    assert set(ended[:2]) == {"queued-1", "queued-2"}  # refused before anything running had ended
+    # One line says what became of the calls; no traceback, no leaked shared memory, no process left behind.
+    (line,) = [line for line in log.splitlines() if "shut down" in line]
+    fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+    assert (fields["finished"], fields["refused"], fields["cut"]) == ("2", "3", "2"), line
+    assert "Traceback" not in log and "leaked" not in log, log[-3000:]
     remaining = leftovers(server.proc.pid)
     assert remaining == [], f"engine processes outlived the server: {remaining}"
-    assert "Traceback" not in server.log.read_text()

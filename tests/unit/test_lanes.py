@@ -17,6 +17,7 @@ from multilane.errors import (
     MemoryBudgetError,
     MultilaneError,
     QueueFullError,
+    RuntimeClosedError,
     UnknownNameError,
 )
 from multilane.lanes import Engine, LanePlan, Pool
@@ -811,6 +812,66 @@ async def test_close_waits_for_a_load_in_progress_and_closes_its_engine() -> Non
     assert planner.engine("a").closed
     assert len(failures) == 1 and "closed" in str(failures[0])
     assert pool.ps() == [] and pool.usage()["used_bytes"] == 0
+
+
+async def test_drain_refuses_waiting_calls_at_once_while_running_calls_finish() -> None:
+    planner = Planner({"a": 100}, parallel=1, max_loads=5)
+    pool = make_pool(planner, {"a": 300.0})
+    failures: list[Exception] = []
+
+    async def queued(i: int) -> None:
+        try:
+            await pool.generate("a", [{"role": "user", "content": f"queued {i}"}], SHORT)
+        except MultilaneError as exc:
+            failures.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            async with running(pool, "a") as stream:
+                for i in range(3):
+                    tg.start_soon(queued, i)
+                await anyio.wait_all_tasks_blocked()
+                assert row(pool, "a")["queued"] == 3
+
+                assert pool.drain() == 3
+                await anyio.wait_all_tasks_blocked()
+                assert len(failures) == 3  # at once: the running call still holds its slot
+                assert row(pool, "a")["queued"] == 0 and row(pool, "a")["busy"] == 1
+                with pytest.raises(RuntimeClosedError, match=r"model 'a'.*shutting down.*retry"):
+                    await pool.generate("a", HI, SHORT)
+                rest = [chunk.text async for chunk in stream]
+
+    assert rest == ["reply"]  # the running call finished
+    assert all(isinstance(exc, RuntimeClosedError) and "shutting down" in str(exc) for exc in failures)
+    assert [record.prompt for record in planner.engine("a").calls] == ["<user>hi\n<assistant>"]
+    assert row(pool, "a")["busy"] == 0 and pool.draining
+    await pool.close()
+    assert planner.loads("a") == 1 and planner.engine("a").closed
+
+
+async def test_drain_refuses_a_call_that_was_preparing_its_prompt_before_it_takes_a_slot() -> None:
+    gate = anyio.Event()
+    planner = Planner({"a": 100}, make_engine=lambda: PreparingEngine(gate), max_loads=5)
+    pool = make_pool(planner, {"a": 300.0})
+    failures: list[Exception] = []
+
+    async def call() -> None:
+        try:
+            await pool.generate("a", HI, SHORT)
+        except RuntimeClosedError as exc:
+            failures.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await until(lambda: planner.loads("a") == 1)
+            await cast(PreparingEngine, planner.engine("a")).preparing.wait()
+            assert pool.drain() == 0  # it was not waiting for a slot yet
+            gate.set()
+
+    assert len(failures) == 1 and "shutting down" in str(failures[0])
+    assert planner.engine("a").calls == []
+    assert row(pool, "a")["busy"] == 0
 
 
 async def _load_waits_for_the_old_engine_to_close(release: Callable[[Pool], Awaitable[object]]) -> None:

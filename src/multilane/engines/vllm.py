@@ -197,15 +197,10 @@ class VLLMEngine:
             await anyio.to_thread.run_sync(build)
         except Exception as exc:
             raise load_error(name, path, exc, context=context, parallel=parallel, dtype=dtype, kv=kv) from exc
-        llm = box.pop()
-        engine = cls(llm, identity=identity, context=context, device=device,
-                     dtype=str(llm.vllm_config.model_config.dtype).removeprefix("torch."), stats=stats,
-                     capacity=read_capacity(llm, context=context, planned=kv))
-        # This frame can outlive the engine: vLLM keeps the ImportError of an optional backend (torchcodec) with
-        # its traceback, whose frames lead back here through the lazy `from vllm import ...` above. Holding the
-        # AsyncLLM in a local would keep it alive after close() until the interpreter exits, where its __del__
-        # fails noisily; the engine object lets go of it when it closes.
-        del llm
+        # No local of this frame may hold the AsyncLLM: vLLM's lazy imports above keep a traceback that holds
+        # this frame, locals and all, until the interpreter exits, and the engine would only be freed then,
+        # when its __del__ fails (a traceback in the log at every exit).
+        engine = cls._wrap(box.pop(), identity=identity, context=context, device=device, stats=stats, planned=kv)
         try:
             if engine.capacity is not None:
                 check_capacity(name, engine.capacity, parallel=parallel, context=context, planned=kv)
@@ -217,6 +212,13 @@ class VLLMEngine:
                 await engine.close()
             raise
         return engine
+
+    @classmethod
+    def _wrap(cls, llm: Any, *, identity: str, context: int, device: str, stats: EngineStats,
+              planned: KVPlan | None) -> VLLMEngine:
+        return cls(llm, identity=identity, context=context, device=device,
+                   dtype=str(llm.vllm_config.model_config.dtype).removeprefix("torch."), stats=stats,
+                   capacity=read_capacity(llm, context=context, planned=planned))
 
     def render(self, messages: Sequence[Message]) -> str:
         """Apply the model's chat template; a model without one gets plain role-prefixed turns."""

@@ -6,6 +6,7 @@ import hmac
 import os
 import re
 import signal
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,9 +21,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from multilane import __version__
 from multilane.runtime import Runtime
 from multilane.server import lanes_page, ollama_api, openai_api, pipelines, responses_api, runs
-from multilane.server.errors import error_response, install_error_handlers, log_refusal
+from multilane.server.errors import SHUTTING_DOWN, error_response, install_error_handlers, log_refusal
 from multilane.server.metrics import ServerMetrics
 from multilane.server.recent_runs import RecentRunBuffer
+from multilane.server.shutdown import CUT_SECONDS, RETRY_AFTER, Shutdown
 from multilane.server.traces import TraceRequests
 
 log = structlog.get_logger(__name__)
@@ -145,6 +147,53 @@ class RequestIds:
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+class ShutdownGate:
+    """Register every call with the server's `Shutdown`; once the shutdown has begun, answer new ones 503 at once.
+
+    A call that the shutdown had to cancel outright (its route did not answer the cut) is answered 503 here, or
+    its stream is ended.
+    """
+
+    def __init__(self, app: ASGIApp, shutdown: Shutdown) -> None:
+        self.app = app
+        self.shutdown = shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        shutdown = self.shutdown
+        if shutdown.draining:
+            shutdown.refused += 1
+            await _shutting_down(scope, receive, send, "the server is shutting down and starts no new calls; "
+                                 "retry on another server")
+            return
+        call = shutdown.begin()
+
+        async def noting_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                call.status = int(message["status"])
+            await send(message)
+
+        try:
+            with call.scope:
+                await self.app(scope, receive, noting_status)
+            if call.scope.cancelled_caught:
+                if call.status is None:
+                    await _shutting_down(scope, receive, send, str(shutdown.cut_error()))
+                else:  # a stream that had begun: end it, so the client is not left waiting for more
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            shutdown.end(call)
+
+
+async def _shutting_down(scope: Scope, receive: Receive, send: Send, message: str) -> None:
+    log_refusal(scope, 503, message, expected=True)
+    response = error_response(scope["path"], 503, message, type="overloaded_error", code=SHUTTING_DOWN,
+                              headers={"Retry-After": RETRY_AFTER})
+    await response(scope, receive, send)
+
+
 def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                default_max_tokens: int = DEFAULT_MAX_TOKENS, manage_runtime: bool = True) -> FastAPI:
     """An app serving `runtime`; its lifespan opens and closes the runtime unless `manage_runtime` is False.
@@ -154,6 +203,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
     """
     metrics = ServerMetrics(runtime)
     rates = lanes_page.TokenRates(runtime.pool.metrics)
+    shutdown = Shutdown(runtime.pool)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -174,6 +224,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
     app.state.default_max_tokens = default_max_tokens
     app.state.token_rates = rates
     app.state.recent_runs = RecentRunBuffer(RECENT_RUNS)
+    app.state.shutdown = shutdown  # serve() drains it on SIGTERM
     app.include_router(openai_api.router)
     app.include_router(responses_api.router)
     app.include_router(ollama_api.router)
@@ -197,6 +248,7 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(ShutdownGate, shutdown=shutdown)
     # outside auth and limits, so that refused requests show in the caller's trace too
     app.add_middleware(TraceRequests, tracer=lambda: runtime.tracer, routes=app.router.routes)
     app.add_middleware(RequestIds)  # added last: runs first, so that refusals carry an id too
@@ -206,7 +258,8 @@ def create_app(runtime: Runtime, *, api_key: str | None = None, max_body_bytes: 
 def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8700, api_key: str | None = None,
           grace: int = 10, max_body_bytes: int = DEFAULT_MAX_BODY, log_level: str = "warning",
           default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
-    """Serve a pipeline file until SIGTERM or Ctrl-C, then finish or abort calls within `grace` seconds and unload.
+    """Serve a pipeline file until SIGTERM or Ctrl-C, then shut down: calls that have not started get a 503 with
+    Retry-After at once, running calls get `grace` seconds to finish, those cut then get a 503; then it unloads.
 
     Raises MultilaneError (SpecError, MemoryBudgetError, ...) when the runtime cannot start.
     """
@@ -217,9 +270,19 @@ def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 
     runtime = Runtime.from_file(path)
     app = create_app(runtime, api_key=api_key, max_body_bytes=max_body_bytes, manage_runtime=False,
                      default_max_tokens=default_max_tokens)
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level=log_level,
-                            access_log=log_level in ("debug", "info"), lifespan="on")
-    server = uvicorn.Server(config)
+    shutdown: Shutdown = app.state.shutdown
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # Drain while still listening, so that a call arriving meanwhile gets a 503 rather than a refused
+            # connection; a second Ctrl-C ends the grace early. Then uvicorn closes the connections, now idle.
+            await shutdown.drain(grace, stop=lambda: self.force_exit)
+            await super().shutdown(sockets)
+
+    # uvicorn's own grace only backs ours up: every call has been answered when it starts counting.
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=int(CUT_SECONDS) + 1,
+                            log_level=log_level, access_log=log_level in ("debug", "info"), lifespan="on")
+    server = Server(config)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving beyond loopback without an API key; set --api-key or MULTILANE_API_KEY", host=host)
 

@@ -11,11 +11,13 @@ import anyio
 import numpy as np
 from fastapi import Request, Response
 from pydantic import AfterValidator
+from starlette.types import Receive, Scope
 
 from multilane.durations import parse_duration
 from multilane.engines.base import SamplingOptions
 from multilane.json_schemas import schema_problem
 from multilane.runtime import Runtime
+from multilane.server.shutdown import Shutdown
 from multilane.spec import ModelSpec
 
 T = TypeVar("T")
@@ -106,20 +108,46 @@ def sse(content: Any) -> str:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _until_disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+def shutdown_of(scope: Scope) -> Shutdown | None:
+    """The shutdown of the app serving a request (`create_app` gives every app one)."""
+    shutdown = getattr(getattr(scope.get("app"), "state", None), "shutdown", None)
+    return shutdown if isinstance(shutdown, Shutdown) else None
+
+
+async def _until_gone_or_cut(scope: Scope, receive: Receive) -> bool:
+    """Wait until the client disconnects (False) or the server's shutdown cuts the calls still running (True)."""
+    shutdown = shutdown_of(scope)
+    cut = False
+    async with anyio.create_task_group() as tg:
+        async def gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        async def cut_off(shutdown: Shutdown) -> None:
+            nonlocal cut
+            await shutdown.cut_event().wait()
+            cut = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(gone)
+        if shutdown is not None:
+            tg.start_soon(cut_off, shutdown)
+    return cut
 
 
 async def abort_on_disconnect(request: Request, call: Callable[[], Awaitable[T]]) -> T:
-    """Await `call()`, cancelling it (which aborts its engine requests) if the client disconnects first."""
+    """Await `call()`, cancelling it (which aborts its engine requests) if the client disconnects first.
+
+    A call the server's shutdown cuts fails with RuntimeClosedError (a 503).
+    """
     done: list[T] = []
     failed: list[Exception] = []
+    cut = False
     async with anyio.create_task_group() as tg:
         async def watch() -> None:
-            await _until_disconnected(request)
+            nonlocal cut
+            cut = await _until_gone_or_cut(request.scope, request.receive)
             tg.cancel_scope.cancel()
 
         tg.start_soon(watch)
@@ -131,8 +159,14 @@ async def abort_on_disconnect(request: Request, call: Callable[[], Awaitable[T]]
     if failed:
         raise failed[0]
     if not done:
-        raise ClientGone
+        raise _cut_error(request.scope) if cut else ClientGone
     return done[0]
+
+
+def _cut_error(scope: Scope) -> Exception:
+    shutdown = shutdown_of(scope)
+    assert shutdown is not None  # only a shutdown cuts calls
+    return shutdown.cut_error()
 
 
 def now() -> int:
@@ -147,7 +181,7 @@ class LazyStreamResponse(Response):
     """Streams what `produce` emits; headers go out with the first piece, so a failure before it is a plain error.
 
     A client that disconnects cancels `produce`, which aborts its engine requests. A failure after the first
-    piece is written into the stream by `on_error`.
+    piece is written into the stream by `on_error`; so is the server's shutdown cutting the stream.
     """
 
     def __init__(self, produce: Callable[[Emit], Awaitable[None]], *, media_type: str,
@@ -161,7 +195,7 @@ class LazyStreamResponse(Response):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = False
-        gone = False
+        gone = cut = False
         failed: list[Exception] = []
 
         async def emit(text: str) -> None:
@@ -173,10 +207,9 @@ class LazyStreamResponse(Response):
 
         async with anyio.create_task_group() as tg:
             async def watch() -> None:
-                nonlocal gone
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                gone = True
+                nonlocal gone, cut
+                cut = await _until_gone_or_cut(scope, receive)
+                gone = not cut
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch)
@@ -189,6 +222,8 @@ class LazyStreamResponse(Response):
             if not started:
                 raise ClientGone
             return  # nothing more can reach the client
+        if cut and not failed:
+            failed.append(_cut_error(scope))
         if failed:
             if not started:
                 raise failed[0]

@@ -21,14 +21,18 @@ from multilane.errors import (
     QueueFullError,
     ReplayError,
     ResumeError,
+    RuntimeClosedError,
     SpecError,
     TemplateError,
     UnknownNameError,
 )
 from multilane.server.common import ApiError, ClientGone, json_response
+from multilane.server.shutdown import RETRY_AFTER
 
 log = structlog.get_logger(__name__)
 
+SHUTTING_DOWN = "shutting_down"
+"""The code of a 503 that the server's shutdown answers: the call did not start, or was cut when the grace ran out."""
 _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error"}
 
@@ -47,13 +51,16 @@ def error_response(path: str, status: int, message: str, *, type: str, code: str
     return json_response(error_body(path, message, type=type, code=code, param=param), status, headers)
 
 
-def log_refusal(scope: Mapping[str, Any], status: int, message: str) -> None:
+def log_refusal(scope: Mapping[str, Any], status: int, message: str, *, expected: bool = False) -> None:
     """Log why a request was refused or failed, with its method, route (the matched template, else the path),
-    request id and status: a warning for a refusal (4xx, 503), an error for a failure."""
+    request id and status: a warning for a refusal (4xx, 503), an error for a failure, and only an info line
+    for an `expected` refusal (the shutdown's, which it sums up in one line of its own)."""
     route = getattr(scope.get("route"), "path", None) or scope.get("path")
     fields = {"method": scope.get("method"), "route": route, "path": scope.get("path"), "status": status,
               "request_id": scope.get("state", {}).get("request_id"), "error": message}
-    if status >= 500 and status != 503:
+    if expected:
+        log.info("request refused", **fields)
+    elif status >= 500 and status != 503:
         log.error("request failed", **fields)
     else:
         log.warning("request refused", **fields)
@@ -69,6 +76,8 @@ def api_error(exc: BaseException) -> ApiError:
         cause = cause.cause  # type: ignore[attr-defined]
     if isinstance(cause, QueueFullError):
         return ApiError(503, message, type="overloaded_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(cause, RuntimeClosedError):  # shutting down: a load balancer retries it on another server
+        return ApiError(503, message, type="overloaded_error", code=SHUTTING_DOWN, headers={"Retry-After": RETRY_AFTER})
     if isinstance(cause, MemoryBudgetError):
         return ApiError(503, message, type="overloaded_error", code="memory_budget", headers={"Retry-After": "5"})
     if isinstance(cause, ContextLengthError):
@@ -114,7 +123,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         err = api_error(exc)
-        log_refusal(request.scope, err.status, err.message)
+        log_refusal(request.scope, err.status, err.message, expected=err.code == SHUTTING_DOWN)
         return error_response(request.url.path, err.status, err.message, type=err.type, code=err.code,
                               headers=err.headers, param=err.param)
 
