@@ -101,7 +101,7 @@ class Runtime:
         runtime = spec.runtime
         self._pool = Pool(self._plan, models={name: (m.kind, m.keep_alive_seconds) for name, m in spec.models.items()},
                           budget_bytes=runtime.memory_budget_bytes, max_loaded=runtime.max_loaded_models,
-                          max_queue=runtime.max_queue)
+                          max_queue=runtime.max_queue, max_overtakes=runtime.max_overtakes)
         self._indexes: dict[str, OpenedIndex] = {}
         self._index_locks: dict[str, anyio.Lock] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -214,22 +214,25 @@ class Runtime:
 
     async def generate(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
                        *, truncate: bool = False, keep_alive: str | float | None = None,
-                       raw: bool = False) -> Completion:
+                       raw: bool = False, priority: int = 0) -> Completion:
         """Generate a completion of a chat (or of one user message) with a declared generate model.
 
-        With `raw=True`, `messages` is a prompt string tokenized as is, without the chat template.
+        With `raw=True`, `messages` is a prompt string tokenized as is, without the chat template. `priority`
+        orders the call among those waiting for the model's slots: lower first (default 0).
         """
         self._check_open()
         return await self._pool.generate(model, _as_prompt(messages, raw), options or SamplingOptions(),
-                                         truncate=truncate, keep_alive=_keep_alive(keep_alive))
+                                         truncate=truncate, keep_alive=_keep_alive(keep_alive), priority=priority)
 
     async def generate_stream(self, model: str, messages: Sequence[Message] | str,
                               options: SamplingOptions | None = None, *, truncate: bool = False,
-                              keep_alive: str | float | None = None, raw: bool = False) -> AsyncGenerator[Chunk, None]:
-        """Stream a completion chunk by chunk (`raw` as in `generate`); leaving the loop early aborts the request."""
+                              keep_alive: str | float | None = None, raw: bool = False,
+                              priority: int = 0) -> AsyncGenerator[Chunk, None]:
+        """Stream a completion chunk by chunk (`raw` and `priority` as in `generate`); leaving the loop early
+        aborts the request."""
         self._check_open()
         chunks = self._pool.stream(model, _as_prompt(messages, raw), options or SamplingOptions(),
-                                   truncate=truncate, keep_alive=_keep_alive(keep_alive))
+                                   truncate=truncate, keep_alive=_keep_alive(keep_alive), priority=priority)
         async with aclosing(chunks):  # a caller leaving early aborts the request before the slot is reused
             async for chunk in chunks:
                 yield chunk
@@ -386,11 +389,12 @@ class Runtime:
             raise UnknownNameError(f"unknown agent '{name}' (agents: {', '.join(sorted(self._agents)) or 'none'})")
         return self._agents[name]
 
-    async def run_agent(self, agent: str | Agent, task: str) -> AgentResult:
+    async def run_agent(self, agent: str | Agent, task: str, *, priority: int = 0) -> AgentResult:
         """Run an agent (by name, or an Agent object) on a task until it answers; see AgentResult.
 
-        Raises UnknownNameError before anything runs when the agent (or a sub-agent) names a model or index
-        that the pipeline file does not declare.
+        Its model calls (and its sub-agents') wait for slots at `priority`. Raises UnknownNameError before
+        anything runs when the agent (or a sub-agent) names a model or index that the pipeline file does not
+        declare.
         """
         from multilane.agents import run_agent
         from multilane.project import check_agent
@@ -401,7 +405,7 @@ class Runtime:
         if problems:
             raise UnknownNameError("; ".join(problems))
         scope = Scope(uuid.uuid4().hex[:12], layers=[self._cache] if self._cache is not None else []).child("agent")
-        return await run_agent(resolved, task, self, scope=scope)
+        return await run_agent(resolved, task, self, scope=scope, priority=priority)
 
     @asynccontextmanager
     async def stream(self, pipeline: str, inputs: Mapping[str, Any] | None = None, /,
