@@ -197,7 +197,7 @@ async def _switch_overheads(rt: Runtime, switches: int) -> tuple[list[float], li
         t0 = time.perf_counter()
         lane, _ = await rt.pool._leased(name, UNSET)  # what Multilane adds before the engine sees the call
         admission.append(time.perf_counter() - t0)
-        lane.release()
+        lane._release()
         t0 = time.perf_counter()
         await rt.generate(name, "Say hello.", options)
         latency.append(time.perf_counter() - t0)
@@ -223,8 +223,203 @@ async def swap(rt: Runtime) -> dict[str, Any]:
     }
 
 
+# ---- prefix: shared openings read once from vLLM's prefix cache
+
+AGENTS_SPEC = HERE.parent / "pipelines" / "multi_agent.yaml"
+RESEARCH_QUESTIONS = ["What is Vellmar Island known for?", "What can visitors see on Vellmar Island?"]
+BRIEF_TOPIC = "the lighthouse"  # its 7 passages make a context of about 1,500 SmolLM2 tokens
+BRIEF_QUESTIONS = [
+    "Who built the lighthouse?", "When was the lighthouse built?", "How tall is the lighthouse?",
+    "What is the lighthouse made of?", "Who keeps the lighthouse?", "How far does its light reach?",
+    "Can visitors climb the lighthouse?", "What colour is the lighthouse?", "Where does the lighthouse stand?",
+    "Has the lighthouse ever been damaged?", "How is the lamp powered?", "What ships does it guide?",
+    "What is near the lighthouse?", "When is the lighthouse open?", "Why was the lighthouse needed?",
+    "What happened to the first keeper?"]
+
+
+class _Calls:
+    """The pool's record of each finished generate call: seconds to its first token and in all."""
+
+    def __init__(self) -> None:
+        self.first: list[float] = []
+
+    def __call__(self, model: str, first_token: float | None, seconds: float) -> None:
+        if first_token is not None:
+            self.first.append(first_token)
+
+    def ttft(self) -> dict[str, float]:
+        return {"ttft_p50": pct(self.first, 50), "ttft_p95": pct(self.first, 95)}
+
+
+def _agent_tokens(result: dict[str, Any]) -> tuple[int, int]:
+    """Prompt and cached tokens of an agent run's steps and of its sub-agents'."""
+    prompt = cached = 0
+    for step_ in result["transcript"]:
+        prompt += step_["prompt_tokens"]
+        cached += step_["cached_tokens"]
+        for call in step_["calls"]:
+            if call.get("sub"):
+                sub_prompt, sub_cached = _agent_tokens(call["sub"])
+                prompt, cached = prompt + sub_prompt, cached + sub_cached
+    return prompt, cached
+
+
+async def _prefix_case(caching: bool) -> dict[str, Any]:
+    """The example research runs, then the 16-question brief, on a fresh engine with prefix caching on or off."""
+    text = AGENTS_SPEC.read_text()
+    if not caching:
+        text = text.replace("engine: {block_size: 32}", "engine: {block_size: 32, enable_prefix_caching: false}")
+        assert "enable_prefix_caching" in text
+    spec = parse_spec(text, file=str(AGENTS_SPEC), base_dir=AGENTS_SPEC.parent)
+    out: dict[str, Any] = {"prefix_caching": caching}
+    async with Runtime(spec, journal="off") as rt:
+        await rt.index("guide")
+        await rt.load("assistant")
+        runs = []
+        for question in RESEARCH_QUESTIONS:
+            calls = _Calls()
+            rt.pool.observers.append(calls)
+            t0 = time.perf_counter()
+            try:
+                result = await rt.run("research", question=question)
+            except Exception as exc:  # a 135M model may fail a question; say so instead of losing the suite
+                runs.append({"question": question, "error": str(exc)[:300], "seconds": time.perf_counter() - t0})
+                continue
+            finally:
+                rt.pool.observers.remove(calls)
+            prompt, cached = _agent_tokens(result.stages["report"])
+            runs.append({"question": question, "seconds": time.perf_counter() - t0, "calls": len(calls.first),
+                         "prompt_tokens": prompt, "cached_tokens": cached, "cached_share": cached / prompt,
+                         "first_tokens": calls.first, **calls.ttft()})
+        done = [r for r in runs if "error" not in r]
+        prompt, cached = sum(r["prompt_tokens"] for r in done), sum(r["cached_tokens"] for r in done)
+        first = _Calls()
+        first.first = [t for r in done for t in r.pop("first_tokens")]
+        out["research"] = {"runs": runs, "failed": len(runs) - len(done), "seconds": sum(r["seconds"] for r in done),
+                           "prompt_tokens": prompt, "cached_tokens": cached,
+                           "cached_share": cached / prompt if prompt else float("nan"), **first.ttft()}
+
+        calls = _Calls()
+        rt.pool.observers.append(calls)
+        t0 = time.perf_counter()
+        result = await rt.run("brief", topic=BRIEF_TOPIC, questions=BRIEF_QUESTIONS)
+        seconds = time.perf_counter() - t0
+        rt.pool.observers.remove(calls)
+        items = result.stages["answers"]["items"]
+        engine: Any = (await rt.load("assistant")).engine
+        context = len(engine.encode(result.stages["notes"]["text"]))
+        prompt, cached = sum(i["prompt_tokens"] for i in items), sum(i["cached_tokens"] for i in items)
+        out["fan_out"] = {"items": len(items), "context_tokens": context, "seconds": seconds,
+                          "prompt_tokens": prompt, "cached_tokens": cached, "cached_share": cached / prompt,
+                          **calls.ttft()}
+        out["lane"] = {k: rt.ps()[0][k] for k in ("prompt_tokens", "cached_tokens", "cache_hit_rate", "kv_block_size")}
+    return out
+
+
+async def prefix(rt: Runtime) -> dict[str, Any]:
+    """The example multi-agent research run and a 16-item for_each over one ~1,500-token context, prefix caching
+    on against off (each on a fresh engine, one after the other; the bench's own generate lanes are unloaded)."""
+    for row in rt.ps():
+        if row["kind"] == "generate":
+            await rt.unload(row["name"])
+    with step("bench:prefix", "research and fan-out, caching off then on", total=2) as advance:
+        off = await _prefix_case(False)
+        advance(1)
+        on = await _prefix_case(True)
+        advance(2)
+    return {"off": off, "on": on,
+            "research_speedup": off["research"]["seconds"] / on["research"]["seconds"],
+            "fan_out_speedup": off["fan_out"]["seconds"] / on["fan_out"]["seconds"]}
+
+
+# ---- priority: interactive calls beside background agents on one 16-slot lane
+
+BACKGROUND_CALLS = 48
+BACKGROUND_TOKENS = 128
+INTERACTIVE_EVERY = 2.0  # seconds
+INTERACTIVE_TOKENS = 32
+
+
+async def _priority_case(rt: Runtime, *, background: int, interactive: int) -> dict[str, Any]:
+    """48 background calls and an interactive call every 2 s until they are done, at the priorities given."""
+    lane = "lane16"
+    bg_options = SamplingOptions(max_tokens=BACKGROUND_TOKENS, ignore_eos=True)
+    chat_options = SamplingOptions(max_tokens=INTERACTIVE_TOKENS, ignore_eos=True)
+    chats: list[tuple[float, float]] = []  # (seconds to first token, seconds in all)
+    finished: list[float] = []
+    tokens = 0
+
+    async def one_background(i: int) -> None:
+        nonlocal tokens
+        done = await rt.generate(lane, f"Write the log of background agent {i} about the tides.", bg_options,
+                                 priority=background)
+        tokens += done.completion_tokens
+        finished.append(time.perf_counter())
+
+    async def one_chat(i: int) -> None:
+        t0 = time.perf_counter()
+        first = None
+        async for chunk in rt.generate_stream(lane, f"Hello! Question {i}: when is high tide?", chat_options,
+                                              priority=interactive):
+            first = first or (time.perf_counter() - t0 if chunk.tokens else None)
+        chats.append((first or float("nan"), time.perf_counter() - t0))
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(BACKGROUND_CALLS):
+            tg.start_soon(one_background, i)
+        i = 0
+        while len(finished) < BACKGROUND_CALLS:
+            await anyio.sleep(INTERACTIVE_EVERY)
+            if len(finished) < BACKGROUND_CALLS:
+                tg.start_soon(one_chat, i)
+                i += 1
+    background_seconds = max(finished) - started
+    return {"ttft": [c[0] for c in chats], "latency": [c[1] for c in chats], "background_seconds": background_seconds,
+            "background_tokens_per_s": tokens / background_seconds}
+
+
+def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A case's rounds together: percentiles over every interactive call, the mean background throughput."""
+    ttft = [t for r in rounds for t in r["ttft"]]
+    latency = [t for r in rounds for t in r["latency"]]
+    return {"rounds": len(rounds), "interactive_calls": len(latency), "interactive_ttft_p50": pct(ttft, 50),
+            "interactive_ttft_p95": pct(ttft, 95), "interactive_latency_p50": pct(latency, 50),
+            "interactive_latency_p95": pct(latency, 95),
+            "background_seconds": statistics.mean(r["background_seconds"] for r in rounds),
+            "background_tokens_per_s": statistics.mean(r["background_tokens_per_s"] for r in rounds),
+            "background_tokens_per_s_each": [r["background_tokens_per_s"] for r in rounds]}
+
+
+async def priority(rt: Runtime) -> dict[str, Any]:
+    """Interactive calls beside 48 background calls on one 16-slot lane with 2 reserved slots: first come first
+    served, against priority alone, against priority with the reserved slots (the bench's other generate lanes
+    are unloaded first)."""
+    for row in rt.ps():
+        if row["kind"] == "generate" and "lane16" not in row["models"]:
+            await rt.unload(row["name"])
+    await rt.load("lane16")
+    await rt.generate("lane16", "Warm up.", SamplingOptions(max_tokens=4))
+    cases = {"fifo": {"background": 0, "interactive": 0},  # everyone at 0: arrival order, every slot for all
+             "priority": {"background": 0, "interactive": -1},  # both may take the reserved slots (priority <= 0)
+             "priority_reserved": {"background": 1, "interactive": 0}}  # background kept out of the 2 reserved
+    # Each case runs twice, in the order A B C C B A, so that a machine getting busier or quieter weighs on all alike.
+    order = [*cases, *reversed(cases)]
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
+    with step("bench:priority", "fifo, priority, priority with reserved slots", total=len(order)) as advance:
+        for n, name in enumerate(order, start=1):
+            rounds[name].append(await _priority_case(rt, **cases[name]))
+            advance(n)
+    out: dict[str, Any] = {name: _summary(done) for name, done in rounds.items()}
+    for name in ("priority", "priority_reserved"):
+        out[f"{name}_p95_latency_ratio"] = out["fifo"]["interactive_latency_p95"] / out[name]["interactive_latency_p95"]
+        out[f"{name}_background_throughput_ratio"] = (out[name]["background_tokens_per_s"]
+                                                      / out["fifo"]["background_tokens_per_s"])
+    return out
+
+
 SUITES: dict[str, Suite] = {"throughput": throughput, "embedding": embedding, "search": search, "rag": rag,
-                            "swap": swap}
+                            "swap": swap, "prefix": prefix, "priority": priority}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -261,6 +456,27 @@ def table(results: dict[str, Any]) -> str:
                      f"single-resident switch {w['single_resident_switch_p50_s']:.1f}s "
                      f"({w['swap_tax_ratio']:.0f}x); 1-token call p50 {w['resident_call_p50_s'] * 1000:.0f}ms "
                      f"resident vs {w['single_resident_call_p50_s']:.1f}s swapping")
+    if "prefix" in results:
+        p = results["prefix"]
+        for part, label in (("research", "research runs"), ("fan_out", "16-item fan-out")):
+            on, off = p["on"][part], p["off"][part]
+            extra = f" over {on['context_tokens']} context tokens" if part == "fan_out" else ""
+            lines.append(f"prefix, {label}{extra}: {on['cached_share']:.0%} of {on['prompt_tokens']} prompt tokens "
+                         f"from cache; {on['seconds']:.1f}s cached vs {off['seconds']:.1f}s uncached "
+                         f"({off['seconds'] / on['seconds']:.1f}x); ttft p50/p95 {on['ttft_p50']:.2f}/"
+                         f"{on['ttft_p95']:.2f}s vs {off['ttft_p50']:.2f}/{off['ttft_p95']:.2f}s")
+    if "priority" in results:
+        q = results["priority"]
+        fifo = q["fifo"]
+        for name, label in (("priority", "priority"), ("priority_reserved", "priority + 2 reserved slots")):
+            case = q[name]
+            lines.append(
+                f"priority, {label} vs first come first served: interactive latency p50/p95 "
+                f"{case['interactive_latency_p50']:.1f}/{case['interactive_latency_p95']:.1f}s vs "
+                f"{fifo['interactive_latency_p50']:.1f}/{fifo['interactive_latency_p95']:.1f}s "
+                f"({q[name + '_p95_latency_ratio']:.1f}x lower p95), ttft p95 {case['interactive_ttft_p95']:.2f}s vs "
+                f"{fifo['interactive_ttft_p95']:.2f}s; background {case['background_tokens_per_s']:.0f} vs "
+                f"{fifo['background_tokens_per_s']:.0f} tok/s ({q[name + '_background_throughput_ratio']:.2f}x)")
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ class AgentRuntime(Protocol):
     """What an agent run needs: generation with a declared model, and declared indexes for tools."""
 
     async def generate(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
-                       *, truncate: bool = False) -> Completion: ...
+                       *, truncate: bool = False, priority: int = 0) -> Completion: ...
 
     async def index(self, name: str) -> OpenedIndex: ...
 
@@ -61,7 +61,8 @@ class AgentRuntime(Protocol):
 class AgentContext:
     """What a tool receives when one of its parameters is annotated `AgentContext`: the runtime and the run.
 
-    `scope` is the tool call's place in the run (see `multilane.steps`), under which a sub-agent's steps go.
+    `scope` is the tool call's place in the run (see `multilane.steps`), under which a sub-agent's steps go;
+    `priority` is the run's, which a sub-agent's model calls keep.
     """
 
     runtime: AgentRuntime
@@ -69,6 +70,7 @@ class AgentContext:
     run_id: str
     depth: int = 0
     scope: Scope | None = None
+    priority: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,21 +277,24 @@ class AgentStep:
     calls: tuple[ToolCall, ...] = ()
     answer: Any = None
     error: str | None = None
-    cached: bool = False  # the model call was answered from the cache
+    cached: bool = False  # the model call was answered from the call cache
+    cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view of the step."""
         return {"index": self.index, "kind": self.kind, "output": self.output, "answer": _jsonable(self.answer),
                 "error": self.error, "calls": [c.to_dict() for c in self.calls],
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "cached": self.cached, "started": self.started, "finished": self.finished}
+                "cached_tokens": self.cached_tokens, "cached": self.cached, "started": self.started,
+                "finished": self.finished}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentStep:
         """The step back from `to_dict()` (its answer stays as JSON)."""
         return cls(data["index"], data["kind"], data["output"], data["prompt_tokens"], data["completion_tokens"],
                    data["started"], data["finished"], tuple(ToolCall.from_dict(c) for c in data["calls"]),
-                   data.get("answer"), data.get("error"), bool(data.get("cached", False)))
+                   data.get("answer"), data.get("error"), bool(data.get("cached", False)),
+                   int(data.get("cached_tokens", 0)))
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,11 @@ class AgentResult:
         return sum(s.completion_tokens for s in self.steps)
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens over every step of this run taken from the engine's prefix cache (sub-agents not included)."""
+        return sum(s.cached_tokens for s in self.steps)
+
+    @property
     def calls(self) -> list[ToolCall]:
         """Every tool call of the run, in order."""
         return [c for s in self.steps for c in s.calls]
@@ -333,7 +343,8 @@ class AgentResult:
         """A JSON-ready view of the run; the `agent` stage's result."""
         return {"agent": self.agent, "run_id": self.run_id, "task": self.task, "answer": _jsonable(self.answer),
                 "steps": len(self.steps), "transcript": self.transcript, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "seconds": round(self.seconds, 3),
+                "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
+                "seconds": round(self.seconds, 3),
                 "started": self.started, "finished": self.finished}
 
     @classmethod
@@ -421,7 +432,7 @@ class Agent:
 
         async def run(ctx: AgentContext, task: str) -> AgentResult:
             scope = ctx.scope.child("agent") if ctx.scope is not None else None
-            return await run_agent(agent, task, ctx.runtime, depth=ctx.depth + 1, scope=scope)
+            return await run_agent(agent, task, ctx.runtime, depth=ctx.depth + 1, scope=scope, priority=ctx.priority)
 
         run.__annotations__ = {"ctx": AgentContext, "return": AgentResult, "task": Annotated[str, Field(
             min_length=1, max_length=max_task_chars)]}
@@ -606,18 +617,20 @@ async def _take_step(agent: Agent, index: int, chat: _Conversation, runtime: Age
     messages = list(chat.messages)
     t0 = time.perf_counter()
     done = await scope.generate(agent.model, messages, options,
-                                lambda: runtime.generate(agent.model, messages, options))
+                                lambda: runtime.generate(agent.model, messages, options, priority=ctx.priority))
     value = _parse_step(agent, index, done, schema, available)
     chat.messages.append({"role": "assistant", "content": done.text})
     pt, ct, cached = done.prompt_tokens, done.completion_tokens, bool(done.extra.get("cached"))
+    reused = done.cached_tokens
     if "answer" in value:
         try:
             answer = agent.answer(value["answer"])
         except (ValidationError, TypeError) as exc:  # passed the schema, failed a validator: try again
             chat.messages.append({"role": "user", "content": f"Your answer was rejected: {exc}"[:600]})
             return AgentStep(index, "rejected", done.text, pt, ct, t0, time.perf_counter(),
-                             error=f"answer rejected: {exc}", cached=cached)
-        return AgentStep(index, "answer", done.text, pt, ct, t0, time.perf_counter(), answer=answer, cached=cached)
+                             error=f"answer rejected: {exc}", cached=cached, cached_tokens=reused)
+        return AgentStep(index, "answer", done.text, pt, ct, t0, time.perf_counter(), answer=answer, cached=cached,
+                         cached_tokens=reused)
     wanted = value["calls"] if "calls" in value else [value]
     made = await _call_tools(wanted, available, ctx, agent.max_result_chars, scope)
     chat.tool_steps += 1
@@ -633,28 +646,30 @@ async def _take_step(agent: Agent, index: int, chat: _Conversation, runtime: Age
     if agent.max_tool_steps is not None and chat.tool_steps >= agent.max_tool_steps:
         notes.append("Now give your answer.")
     chat.messages.append({"role": "user", "content": "\n".join([reply, *notes])})
-    return AgentStep(index, "calls", done.text, pt, ct, t0, time.perf_counter(), calls=made, cached=cached)
+    return AgentStep(index, "calls", done.text, pt, ct, t0, time.perf_counter(), calls=made, cached=cached,
+                     cached_tokens=reused)
 
 
 async def run_agent(agent: Agent, task: str, runtime: AgentRuntime, *, depth: int = 0, run_id: str | None = None,
-                    on_step: StepCallback | None = None, scope: Scope | None = None) -> AgentResult:
+                    on_step: StepCallback | None = None, scope: Scope | None = None, priority: int = 0) -> AgentResult:
     """Loop an agent to an answer; raises AgentStepLimitError (with the transcript) when it runs out of steps.
 
     `scope` is the agent's place in a run (see `multilane.steps`): its steps, model and tool calls are steps
-    under it. Without one, the run stands alone and nothing is recorded.
+    under it. Without one, the run stands alone and nothing is recorded. Its model calls, and its
+    sub-agents', wait for slots at `priority` (lower first).
     """
     if depth > MAX_DEPTH:
         raise MultilaneError(f"agent '{agent.name}': agents nest deeper than {MAX_DEPTH} levels")
     scope = scope if scope is not None else Scope(run_id or uuid.uuid4().hex[:12]).child("agent")
     run_id = run_id or scope.derived_id()  # the same id each time a recorded run executes again
     attrs = {"agent": agent.name, "model": agent.model, "task": task, "depth": depth}
-    return await scope.run("agent", functools.partial(_run_loop, agent, task, runtime, depth, run_id, on_step, scope),
-                           attrs=attrs, codec=AGENT_RESULT)
+    return await scope.run("agent", functools.partial(_run_loop, agent, task, runtime, depth, run_id, on_step, scope,
+                                                      priority), attrs=attrs, codec=AGENT_RESULT)
 
 
 async def _run_loop(agent: Agent, task: str, runtime: AgentRuntime, depth: int, run_id: str,
-                    on_step: StepCallback | None, scope: Scope) -> AgentResult:
-    ctx = AgentContext(runtime, agent, run_id, depth, scope)
+                    on_step: StepCallback | None, scope: Scope, priority: int) -> AgentResult:
+    ctx = AgentContext(runtime, agent, run_id, depth, scope, priority)
     chat = _Conversation([{"role": "system", "content": agent.system_prompt()}, {"role": "user", "content": task}],
                          Counter())
     steps: list[AgentStep] = []
@@ -670,14 +685,15 @@ async def _run_loop(agent: Agent, task: str, runtime: AgentRuntime, depth: int, 
             log.info("agent step", step=step.index, kind=step.kind, error=step.error,
                      calls=[{"tool": c.tool, "arguments": c.arguments, "ok": c.ok, "result": c.result[:200]}
                             for c in step.calls],
-                     prompt_tokens=step.prompt_tokens, completion_tokens=step.completion_tokens)
+                     prompt_tokens=step.prompt_tokens, cached_tokens=step.cached_tokens,
+                     completion_tokens=step.completion_tokens)
             if on_step is not None:
                 await on_step(step)
             if step.kind == "answer":
                 result = AgentResult(agent.name, run_id, task, step.answer, tuple(steps), started, time.perf_counter())
                 log.info("agent finished", steps=len(steps), seconds=round(result.seconds, 3),
-                         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                         transcript=result.transcript)
+                         prompt_tokens=result.prompt_tokens, cached_tokens=result.cached_tokens,
+                         completion_tokens=result.completion_tokens, transcript=result.transcript)
                 return result
         result = AgentResult(agent.name, run_id, task, None, tuple(steps), started, time.perf_counter())
         log.warning("agent ran out of steps", steps=len(steps), transcript=result.transcript)

@@ -255,7 +255,8 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
     """The loaded lanes as a table, like `ollama ps`."""
     from multilane.memory import format_bytes
 
-    header = ("NAME", "KIND", "DEVICE", "DTYPE", "WEIGHTS", "KV", "SLOTS", "QUEUED", "CONTEXT", "LOADED", "UNTIL")
+    header = ("NAME", "KIND", "DEVICE", "DTYPE", "WEIGHTS", "KV", "SLOTS", "QUEUED", "CACHE", "CONTEXT", "LOADED",
+              "UNTIL")
     table = [header]
     for row in rows:
         expires = row["expires_at"]
@@ -263,13 +264,27 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
                  else time.strftime("%H:%M:%S", time.localtime(float(expires))))
         table.append((",".join(row["models"]), row["kind"], row["device"], row.get("dtype") or "-",
                       format_bytes(row["weights_bytes"]),
-                      format_bytes(row["kv_bytes"]) if row["kv_bytes"] else "-", f"{row['busy']}/{row['slots']}",
-                      str(row["queued"]), str(row["context"] or "-"),
-                      time.strftime("%H:%M:%S", time.localtime(row["loaded_at"])), until))
+                      format_bytes(row["kv_bytes"]) if row["kv_bytes"] else "-", _slots(row), _queued(row),
+                      f"{row['cache_hit_rate']:.0%}" if row.get("cache_hit_rate") is not None else "-",
+                      str(row["context"] or "-"), time.strftime("%H:%M:%S", time.localtime(row["loaded_at"])), until))
     if len(table) == 1:
         return "no lanes loaded"
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)
+
+
+def _slots(row: dict[str, Any]) -> str:
+    """Busy of all slots, and how many are reserved for urgent calls: `3/16 (2 reserved)`."""
+    text = f"{row['busy']}/{row['slots']}"
+    return f"{text} ({row['reserved_slots']} reserved)" if row.get("reserved_slots") else text
+
+
+def _queued(row: dict[str, Any]) -> str:
+    """Waiting calls, by priority when more than one priority waits: `5 (p0: 1, p5: 4)`."""
+    by_priority = row.get("queued_by_priority") or {}
+    if len(by_priority) < 2:
+        return str(row["queued"])
+    return f"{row['queued']} ({', '.join(f'p{p}: {n}' for p, n in by_priority.items())})"
 
 
 def format_plans(spec: Any, plans: dict[str, Any], usage: dict[str, Any]) -> str:

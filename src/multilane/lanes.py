@@ -1,7 +1,13 @@
-"""Lanes and the pool: resident models within a memory budget, parallel slots and a bounded FIFO queue.
+"""Lanes and the pool: resident models within a memory budget, parallel slots and a bounded priority queue.
 
-A lane is one loaded model. Calls take one of its `parallel` slots or wait in its FIFO queue; past
-`max_queue` waiting calls a call is refused at once. The pool loads lanes on demand, one load at a time,
+A lane is one loaded model. Calls take one of its `parallel` slots or wait in its queue, which serves the
+lowest priority number first and, within a priority, the earliest arrival; past `max_queue` waiting calls a
+call is refused at once. A waiting call is passed over (a later call given a slot it could have taken) at
+most `max_overtakes` times; after that no later call goes before it, so low priority is delayed, never
+starved. `reserved_slots` of a lane are slots only calls of priority `reserved_priority` or lower (more
+urgent) may take, so that such a call starts at once while background calls fill the rest.
+
+The pool loads lanes on demand, one load at a time,
 shares a lane between declared models with the same weights and settings, evicts idle lanes (soonest
 expiry first) to make room, unloads lanes whose keep-alive ran out, and refuses, with the arithmetic,
 a load that cannot fit.
@@ -16,11 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Iterator, Sequence
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from itertools import count
 from typing import Any
 
 import anyio
@@ -51,6 +57,7 @@ from multilane.errors import (
 from multilane.memory import KVPlan, format_bytes
 
 __all__ = [
+    "DEFAULT_MAX_OVERTAKES",
     "UNSET",
     "Engine",
     "Lane",
@@ -93,6 +100,8 @@ class LanePlan:
     parallel: int = 1
     context: int | None = None
     dtype: str | None = None  # the dtype the engine computes in, when Multilane chooses it
+    reserved_slots: int = 0  # slots only calls of priority <= reserved_priority may take
+    reserved_priority: int = 0
 
     @property
     def kv_bytes(self) -> int:
@@ -139,6 +148,7 @@ class LaneMetrics:
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
 
 
 @dataclass(frozen=True)
@@ -241,18 +251,27 @@ class _LaneClosed(Exception):
     """The lane was retired between finding it and taking a slot; the pool looks it up again."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Waiter:
+    """A call waiting for a slot: its priority, its place in arrival order, and how often it was passed over."""
+
+    priority: int
+    arrival: int
+    passed: int = 0  # later calls given a slot this one could have taken
     event: anyio.Event = field(default_factory=anyio.Event)
     granted: bool = False
     closed: bool = False
 
 
+DEFAULT_MAX_OVERTAKES = 32
+
+
 class Lane:
-    """One resident model: its engine, its parallel slots and its FIFO queue of waiting calls."""
+    """One resident model: its engine, its parallel slots and its queue of waiting calls, by priority then arrival."""
 
     def __init__(self, plan: LanePlan, engine: Engine, *, name: str, keep_alive: float | None,
-                 max_queue: int, pool: Pool, load_seconds: float) -> None:
+                 max_queue: int, pool: Pool, load_seconds: float,
+                 max_overtakes: int = DEFAULT_MAX_OVERTAKES) -> None:
         self._plan = plan
         self._engine = engine
         self._name = name
@@ -262,10 +281,15 @@ class Lane:
         self._loaded_at = time.time()
         self._load_seconds = load_seconds
         self._busy = 0
+        self._low_busy = 0  # running calls that may not take a reserved slot
         self._claims = 0  # callers that found the lane and will use it (or hold it) without a slot yet
         self._expires_at: float | None = None  # the pool's clock; None while in use or when pinned
         self._closed = False
-        self._queue: deque[_Waiter] = deque()
+        self._queue: list[_Waiter] = []  # in arrival order; `_next_waiter` picks who is served
+        self._arrivals = count()
+        self._max_overtakes = max_overtakes
+        self._prompt_tokens = 0  # since the load: the engine's prefix cache lives as long as the lane
+        self._cached_tokens = 0
         self._pool = pool
 
     # ---- what the lane is (read-only)
@@ -330,6 +354,33 @@ class Lane:
         """Calls waiting for a slot."""
         return len(self._queue)
 
+    def queued_by_priority(self) -> dict[int, int]:
+        """Calls waiting for a slot, counted by priority (most urgent first)."""
+        counts: dict[int, int] = {}
+        for waiter in sorted(self._queue, key=lambda w: w.priority):
+            counts[waiter.priority] = counts.get(waiter.priority, 0) + 1
+        return counts
+
+    @property
+    def reserved_slots(self) -> int:
+        """Slots only calls of priority `reserved_priority` or lower may take."""
+        return self._plan.reserved_slots
+
+    @property
+    def max_overtakes(self) -> int:
+        """How many later calls may be given a slot before a waiting call that could have taken it."""
+        return self._max_overtakes
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens of the calls that ran on this lane since it loaded."""
+        return self._prompt_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Of those, the tokens the engine took from its prefix cache."""
+        return self._cached_tokens
+
     @property
     def closed(self) -> bool:
         """The lane was unloaded (or is being unloaded): it takes no more calls."""
@@ -347,11 +398,30 @@ class Lane:
 
     # ---- slots
 
-    async def _acquire(self, keep_alive: float | None = UNSET) -> None:
-        """Take a slot, or wait for one in FIFO order; refuse at once when the queue is full."""
+    def _is_low(self, priority: int) -> bool:
+        """Whether a call of this priority is kept out of the reserved slots."""
+        return priority > self._plan.reserved_priority
+
+    def _may_start(self, priority: int) -> bool:
+        """Whether a call of this priority may take a slot now: one is free, and it is not a reserved one."""
+        if self._busy >= self.parallel:
+            return False
+        return not self._is_low(priority) or self._low_busy < self.parallel - self._plan.reserved_slots
+
+    def _take(self, priority: int) -> None:
+        self._busy += 1
+        if self._is_low(priority):
+            self._low_busy += 1
+
+    async def _acquire(self, keep_alive: float | None = UNSET, priority: int = 0) -> None:
+        """Take a slot, or wait for one by priority then arrival; refuse at once when the queue is full.
+
+        While a slot is free no waiting call could take it (a freed slot goes straight to a waiter that can),
+        so a call that may take a free slot takes it without passing anyone over.
+        """
         if self._closed:
             raise _LaneClosed
-        free = self._busy < self.parallel and not self._queue
+        free = self._may_start(priority)
         if not free and len(self._queue) >= self._max_queue:
             self._pool.metrics[self._name].rejected += 1
             raise QueueFullError(f"lane '{self._name}' queue is full ({len(self._queue)} waiting, "
@@ -361,15 +431,15 @@ class Lane:
             self._keep_alive = keep_alive  # the latest admitted call's keep_alive decides, as in Ollama
         self._expires_at = None
         if free:
-            self._busy += 1
+            self._take(priority)
             return
-        waiter = _Waiter()
+        waiter = _Waiter(priority, next(self._arrivals))
         self._queue.append(waiter)
         try:
             await waiter.event.wait()
         except BaseException:
             if waiter.granted:  # the slot was handed over as we were cancelled: pass it on
-                self._release()
+                self._release(priority)
             elif not waiter.closed:
                 self._queue.remove(waiter)
                 self._pool._lane_changed(self)
@@ -377,22 +447,44 @@ class Lane:
         if waiter.closed:
             raise _LaneClosed
 
-    def _release(self) -> None:
-        """Free a slot: hand it straight to the longest waiter, or start the idle clock."""
-        if self._queue:
-            waiter = self._queue.popleft()
-            waiter.granted = True
-            waiter.event.set()
-            return
+    def _next_waiter(self) -> _Waiter | None:
+        """The waiter a freed slot goes to: among those that may take it, one passed over `max_overtakes` times
+        (earliest first), else the lowest priority number, earliest first."""
+        best: _Waiter | None = None
+        best_key: tuple[int, int, int] | None = None
+        for waiter in self._queue:
+            if not self._may_start(waiter.priority):
+                continue
+            key = (0, 0, waiter.arrival) if waiter.passed >= self._max_overtakes else (1, waiter.priority,
+                                                                                       waiter.arrival)
+            if best_key is None or key < best_key:
+                best, best_key = waiter, key
+        return best
+
+    def _release(self, priority: int = 0) -> None:
+        """Free the slot of a call of this priority: hand it straight to the next waiter that may take it (see
+        `_next_waiter`), or start the idle clock."""
         self._busy -= 1
-        self._pool._lane_changed(self)
+        if self._is_low(priority):
+            self._low_busy -= 1
+        waiter = self._next_waiter()
+        if waiter is None:
+            self._pool._lane_changed(self)
+            return
+        for earlier in self._queue:  # earlier arrivals that could have taken this slot were passed over
+            if earlier.arrival < waiter.arrival and self._may_start(earlier.priority):
+                earlier.passed += 1
+        self._queue.remove(waiter)
+        self._take(waiter.priority)
+        waiter.granted = True
+        waiter.event.set()
 
     def _retire(self) -> None:
         """Take no more calls; wake every waiter so that it retries on a new lane (or learns the pool closed)."""
         self._closed = True
         self._expires_at = None
-        while self._queue:
-            waiter = self._queue.popleft()
+        waiters, self._queue = self._queue, []
+        for waiter in waiters:
             waiter.closed = True
             waiter.event.set()
 
@@ -437,16 +529,22 @@ class Lane:
         raise EngineError(f"model '{self._name}': its engine cannot count tokens locally")
 
     async def _stream_in_slot(self, prompt: Prepared, options: SamplingOptions,
-                              model: str, started: float) -> AsyncGenerator[Chunk, None]:
+                              model: str, started: float, priority: int = 0) -> AsyncGenerator[Chunk, None]:
         metrics = self._pool.metrics[model]  # counted under the declared name called, also on a shared lane
         metrics.requests += 1
         prompt_tokens = prompt.tokens or 0
         metrics.prompt_tokens += prompt_tokens
+        self._prompt_tokens += prompt_tokens
         request_id = f"{self._name}-{self._pool.next_request_id()}"
-        chunks = self._generate_engine().stream(prompt.payload, options, request_id)
+        chunks = self._generate_engine().stream(prompt.payload, options, request_id, priority=priority)
         first: float | None = None
+        cached = 0
         try:
             async for chunk in chunks:
+                if chunk.cached_tokens > cached:  # the engine says it once the prompt is read; counted once
+                    metrics.prompt_cached_tokens += chunk.cached_tokens - cached
+                    self._cached_tokens += chunk.cached_tokens - cached
+                    cached = chunk.cached_tokens
                 metrics.completion_tokens += chunk.tokens
                 if first is None and chunk.tokens:
                     first = time.perf_counter() - started
@@ -467,12 +565,13 @@ class Pool:
 
     def __init__(self, planner: Planner, *, models: dict[str, tuple[str, float | None]],
                  budget_bytes: int | None, max_loaded: int, max_queue: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_overtakes: int = DEFAULT_MAX_OVERTAKES) -> None:
         self._planner = planner
         self._models = models  # declared name -> (kind, keep_alive seconds or None when pinned)
         self.budget_bytes = budget_bytes
         self.max_loaded = max_loaded
         self.max_queue = max_queue
+        self.max_overtakes = max_overtakes
         self._clock = clock
         self._lanes: dict[Hashable, Lane] = {}  # on the books: loaded, or retired with the engine still closing
         self._by_name: dict[str, Lane] = {}  # lanes that take calls
@@ -594,7 +693,7 @@ class Pool:
                 self._check_open(name)
             seconds = time.perf_counter() - t0
             lane = Lane(plan, engine, name=name, keep_alive=self._models[name][1], max_queue=self.max_queue,
-                        pool=self, load_seconds=seconds)
+                        pool=self, load_seconds=seconds, max_overtakes=self.max_overtakes)
             self._lanes[plan.key] = lane
             self._by_name[name] = lane
         metrics = self.metrics[name]
@@ -703,8 +802,10 @@ class Pool:
     # ---- using lanes
 
     async def _leased(self, name: str, keep_alive: float | None,
-                      check: Callable[[Lane], Awaitable[Any]] | None = None) -> tuple[Lane, Any]:
-        """A lane of the model with one of its slots taken (the caller releases it), and what `check` said.
+                      check: Callable[[Lane], Awaitable[Any]] | None = None,
+                      priority: int = 0) -> tuple[Lane, Any]:
+        """A lane of the model with one of its slots taken at `priority` (the caller releases it at the same
+        priority), and what `check` said.
 
         `check` runs before the call queues, so a request that can never run fails at once. The lane is
         claimed from the moment it is found, so neither the reaper nor an eviction can take it meanwhile.
@@ -713,20 +814,20 @@ class Pool:
             lane = await self._claim(name)
             try:
                 checked = await check(lane) if check is not None else None
-                await self._admit(lane, name, keep_alive)
+                await self._admit(lane, name, keep_alive, priority)
             except _LaneClosed:
                 continue  # retired under us (engine death, or the pool closing): look it up again
             finally:
                 self._unclaim(lane)
             return lane, checked
 
-    async def _admit(self, lane: Lane, name: str, keep_alive: float | None) -> None:
+    async def _admit(self, lane: Lane, name: str, keep_alive: float | None, priority: int = 0) -> None:
         """Take a slot on the lane, or wait for one; a call still waiting when drain() is called is refused."""
         self._check_open(name)
         with anyio.CancelScope() as waiting:
             self._waiting.add(waiting)
             try:
-                await lane._acquire(keep_alive)  # a cancelled waiter leaves the queue (or passes on its slot)
+                await lane._acquire(keep_alive, priority)  # a cancelled waiter leaves the queue (or passes on its slot)
             finally:
                 self._waiting.discard(waiting)
         if waiting.cancelled_caught:  # only drain() cancels this scope
@@ -756,28 +857,33 @@ class Pool:
             self._unclaim(lane)
 
     async def stream(self, name: str, messages: Sequence[Message] | str, options: SamplingOptions, *,
-                     truncate: bool = False, keep_alive: float | None = UNSET) -> AsyncGenerator[Chunk, None]:
-        """Stream a completion from a generate model (a str is a raw prompt); cancelling the consumer aborts it."""
+                     truncate: bool = False, keep_alive: float | None = UNSET,
+                     priority: int = 0) -> AsyncGenerator[Chunk, None]:
+        """Stream a completion from a generate model (a str is a raw prompt); cancelling the consumer aborts it.
+
+        `priority` orders the call in the lane's queue and in the engine's (lower first).
+        """
         started, watch = time.perf_counter(), _CallWatch(name)
         try:
             lane, prompt = await self._leased(
                 name, keep_alive, watch.checked(lambda lane: lane.prepare(messages, options.max_tokens,
-                                                                          truncate=truncate)))
+                                                                          truncate=truncate)), priority)
             watch.admitted = time.time_ns()
             try:
-                async with aclosing(lane._stream_in_slot(prompt, options, name, started)) as chunks:
+                async with aclosing(lane._stream_in_slot(prompt, options, name, started, priority)) as chunks:
                     async for chunk in chunks:
                         watch.chunk(chunk)
                         yield chunk
             finally:
-                lane._release()
+                lane._release(priority)
         finally:
             watch.done()
 
     async def generate(self, name: str, messages: Sequence[Message] | str, options: SamplingOptions, *,
-                       truncate: bool = False, keep_alive: float | None = UNSET) -> Completion:
-        """Generate a whole completion from a generate model (a str is a raw prompt)."""
-        return await collect(self.stream(name, messages, options, truncate=truncate, keep_alive=keep_alive))
+                       truncate: bool = False, keep_alive: float | None = UNSET, priority: int = 0) -> Completion:
+        """Generate a whole completion from a generate model (a str is a raw prompt); `priority` as in `stream`."""
+        return await collect(self.stream(name, messages, options, truncate=truncate, keep_alive=keep_alive,
+                                         priority=priority))
 
     async def embed(self, name: str, texts: Sequence[str], *, keep_alive: float | None = UNSET) -> np.ndarray:
         """Embed texts with an embedding model."""
@@ -872,7 +978,14 @@ class Pool:
                 "kv_blocks": kv.blocks if kv is not None else None,
                 "kv_block_size": kv.block_size if kv is not None else None,
                 "cost": lane.plan.arithmetic(), "busy": lane.busy, "slots": lane.parallel,
-                "queued": lane.queued, "context": lane.plan.context, "loaded_at": lane.loaded_at,
+                "reserved_slots": lane.reserved_slots, "reserved_priority": lane.plan.reserved_priority,
+                "queued": lane.queued,
+                # JSON object keys are strings: the priorities are written as text, most urgent first
+                "queued_by_priority": {str(p): n for p, n in lane.queued_by_priority().items()},
+                "prompt_tokens": lane.prompt_tokens, "cached_tokens": lane.cached_tokens,
+                "cache_hit_rate": lane.cached_tokens / lane.prompt_tokens if lane.prompt_tokens else None,
+                "prefix_caching": getattr(lane.engine, "prefix_caching", None),
+                "context": lane.plan.context, "loaded_at": lane.loaded_at,
                 "expires_at": expires, "keep_alive": format_duration(lane.keep_alive),
             })
         return rows

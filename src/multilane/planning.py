@@ -115,10 +115,11 @@ def choose_dtype(requested: str, *, gpu: bool, flags: Iterable[str], config_dtyp
 
 def settings_key(model: ModelSpec) -> str:
     """The engine settings that must match for two declared models to share a lane."""
-    return json.dumps({"kind": model.kind, "context": model.context, "parallel": model.parallel,
-                       "dtype": model.dtype, "batch_size": model.batch_size, "batch_wait": model.batch_wait,
-                       "engine": model.engine},
-                      sort_keys=True, default=str)
+    settings = {"kind": model.kind, "context": model.context, "parallel": model.parallel, "dtype": model.dtype,
+                "batch_size": model.batch_size, "batch_wait": model.batch_wait, "engine": model.engine}
+    if model.reserved_slots:  # only when set, so that keys (and call-cache entries) made before them still match
+        settings.update(reserved_slots=model.reserved_slots, reserved_priority=model.reserved_priority)
+    return json.dumps(settings, sort_keys=True, default=str)
 
 
 async def plan_model(name: str, spec: Spec, *, gpu: bool | None = None,
@@ -149,7 +150,8 @@ async def plan_model(name: str, spec: Spec, *, gpu: bool | None = None,
                                                         batch_wait=model.batch_wait_seconds)
 
         weights = await anyio.to_thread.run_sync(weights_bytes, prepared.path)
-        return LanePlan(key, "embedding", source, load_embedding, weights_bytes=weights, parallel=model.parallel)
+        return LanePlan(key, "embedding", source, load_embedding, weights_bytes=weights, parallel=model.parallel,
+                        reserved_slots=model.reserved_slots, reserved_priority=model.reserved_priority)
 
     from multilane.engines.vllm import VLLMEngine
 
@@ -183,7 +185,8 @@ async def plan_model(name: str, spec: Spec, *, gpu: bool | None = None,
 
     log.debug("dtype chosen", model=name, dtype=choice.dtype, reason=choice.reason)
     return LanePlan(key, "generate", source, load_generate, weights_bytes=-(-weights // shards), kv=kv,
-                    parallel=model.parallel, context=context, dtype=choice.dtype)
+                    parallel=model.parallel, context=context, dtype=choice.dtype,
+                    reserved_slots=model.reserved_slots, reserved_priority=model.reserved_priority)
 
 
 def plan_remote(name: str, spec: Spec) -> LanePlan:
@@ -201,12 +204,14 @@ def plan_remote(name: str, spec: Spec) -> LanePlan:
         async def load_embedding() -> Engine:
             return await RemoteEmbeddingEngine.load(settings)
 
-        return LanePlan(key, "embedding", source, load_embedding, parallel=model.parallel)
+        return LanePlan(key, "embedding", source, load_embedding, parallel=model.parallel,
+                        reserved_slots=model.reserved_slots, reserved_priority=model.reserved_priority)
 
     async def load_generate() -> Engine:
         return await RemoteGenerateEngine.load(settings, context=model.context)
 
-    return LanePlan(key, "generate", source, load_generate, parallel=model.parallel, context=model.context)
+    return LanePlan(key, "generate", source, load_generate, parallel=model.parallel, context=model.context,
+                    reserved_slots=model.reserved_slots, reserved_priority=model.reserved_priority)
 
 
 def plan_with_factory(name: str, spec: Spec, factory: EngineFactory) -> LanePlan:
@@ -223,4 +228,5 @@ def plan_with_factory(name: str, spec: Spec, factory: EngineFactory) -> LanePlan
 
     source = model.source or name
     return LanePlan((source, settings_key(model)), model.kind, source, load, parallel=model.parallel,
-                    context=model.context)
+                    context=model.context, reserved_slots=model.reserved_slots,
+                    reserved_priority=model.reserved_priority)

@@ -121,7 +121,7 @@ class Runtime:
         runtime = spec.runtime
         self._pool = Pool(self._plan, models={name: (m.kind, m.keep_alive_seconds) for name, m in spec.models.items()},
                           budget_bytes=runtime.memory_budget_bytes, max_loaded=runtime.max_loaded_models,
-                          max_queue=runtime.max_queue)
+                          max_queue=runtime.max_queue, max_overtakes=runtime.max_overtakes)
         self._indexes: dict[str, OpenedIndex] = {}
         self._index_locks: dict[str, anyio.Lock] = {}
         self._task_group: anyio.abc.TaskGroup | None = None  # entered by __aenter__, exited by __aexit__ only
@@ -292,22 +292,23 @@ class Runtime:
 
     async def generate(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
                        *, truncate: bool = False, keep_alive: str | float | None = None,
-                       raw: bool = False) -> Completion:
+                       raw: bool = False, priority: int = 0) -> Completion:
         """Generate a completion of a chat (or of one user message) with a declared generate model.
 
-        With `raw=True`, `messages` is a prompt string tokenized as is, without the chat template.
+        With `raw=True`, `messages` is a prompt string tokenized as is, without the chat template. `priority`
+        orders the call among those waiting for the model's slots: lower first (default 0).
         """
         self._check_open()
         prompt, options = _as_prompt(messages, raw), options or SamplingOptions()
         traced = self._direct("model", model_attrs(model, prompt, options, truncate=truncate, cache=None))
         if traced is None:
             return await self._pool.generate(model, prompt, options, truncate=truncate,
-                                             keep_alive=_keep_alive(keep_alive))
+                                             keep_alive=_keep_alive(keep_alive), priority=priority)
         try:
             with trace.use_span(traced.span, record_exception=False, set_status_on_exception=False), \
                     traced.observing():
                 done = await self._pool.generate(model, prompt, options, truncate=truncate,
-                                                 keep_alive=_keep_alive(keep_alive))
+                                                 keep_alive=_keep_alive(keep_alive), priority=priority)
         except BaseException as exc:
             traced.failed(exc)
             raise
@@ -325,12 +326,15 @@ class Runtime:
 
     async def generate_stream(self, model: str, messages: Sequence[Message] | str,
                               options: SamplingOptions | None = None, *, truncate: bool = False,
-                              keep_alive: str | float | None = None, raw: bool = False) -> AsyncGenerator[Chunk, None]:
-        """Stream a completion chunk by chunk (`raw` as in `generate`); leaving the loop early aborts the request."""
+                              keep_alive: str | float | None = None, raw: bool = False,
+                              priority: int = 0) -> AsyncGenerator[Chunk, None]:
+        """Stream a completion chunk by chunk (`raw` and `priority` as in `generate`); leaving the loop early
+        aborts the request."""
         self._check_open()
         prompt, options = _as_prompt(messages, raw), options or SamplingOptions()
         traced = self._direct("model", model_attrs(model, prompt, options, truncate=truncate, cache=None))
-        chunks = self._pool.stream(model, prompt, options, truncate=truncate, keep_alive=_keep_alive(keep_alive))
+        chunks = self._pool.stream(model, prompt, options, truncate=truncate, keep_alive=_keep_alive(keep_alive),
+                                   priority=priority)
         async with aclosing(chunks):  # a caller leaving early aborts the request before the slot is reused
             if traced is None:
                 async for chunk in chunks:
@@ -353,7 +357,8 @@ class Runtime:
                 raise
             traced.succeeded(Completion("".join(c.text for c in seen), max((c.prompt_tokens for c in seen), default=0),
                                         sum(c.tokens for c in seen),
-                                        next((c.finish_reason for c in reversed(seen) if c.finish_reason), None)))
+                                        next((c.finish_reason for c in reversed(seen) if c.finish_reason), None),
+                                        cached_tokens=max((c.cached_tokens for c in seen), default=0)))
 
     async def embed(self, model: str, texts: Sequence[str], *,
                     keep_alive: str | float | None = None) -> np.ndarray:
@@ -526,11 +531,12 @@ class Runtime:
             raise UnknownNameError(f"unknown agent '{name}' (agents: {', '.join(sorted(self._agents)) or 'none'})")
         return self._agents[name]
 
-    async def run_agent(self, agent: str | Agent, task: str) -> AgentResult:
+    async def run_agent(self, agent: str | Agent, task: str, *, priority: int = 0) -> AgentResult:
         """Run an agent (by name, or an Agent object) on a task until it answers; see AgentResult.
 
-        Raises UnknownNameError before anything runs when the agent (or a sub-agent) names a model or index
-        that the pipeline file does not declare.
+        Its model calls (and its sub-agents') wait for slots at `priority`. Raises UnknownNameError before
+        anything runs when the agent (or a sub-agent) names a model or index that the pipeline file does not
+        declare.
         """
         from multilane.agents import run_agent
         from multilane.project import check_agent
@@ -542,7 +548,7 @@ class Runtime:
             raise UnknownNameError("; ".join(problems))
         layers = [*self._tracing(), *([self._cache] if self._cache is not None else [])]
         scope = Scope(uuid.uuid4().hex[:12], layers=layers).child("agent")
-        return await run_agent(resolved, task, self, scope=scope)
+        return await run_agent(resolved, task, self, scope=scope, priority=priority)
 
     @asynccontextmanager
     async def stream(self, pipeline: str, inputs: Mapping[str, Any] | None = None, /,

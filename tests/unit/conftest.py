@@ -123,16 +123,16 @@ class HeldEngine(FakeGenerateEngine):
     `holding` is set when a call holds, so a test knows a request is mid-stream without sleeping.
     """
 
-    def __init__(self, reply: str = "fake reply", *, before_hold: int = 1) -> None:
-        super().__init__(reply)
+    def __init__(self, reply: str = "fake reply", *, before_hold: int = 1, **options: Any) -> None:
+        super().__init__(reply, **options)
         self.before_hold = before_hold
         self.holding = anyio.Event()
         self.release = anyio.Event()
 
-    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions,
-                     request_id: str) -> AsyncIterator[Chunk]:
+    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions, request_id: str, *,
+                     priority: int = 0) -> AsyncIterator[Chunk]:
         """Stream as the fake does, holding after `before_hold` chunks until released."""
-        async with aclosing(super().stream(prompt_ids, options, request_id)) as chunks:
+        async with aclosing(super().stream(prompt_ids, options, request_id, priority=priority)) as chunks:
             for sent in itertools.count():
                 if sent == self.before_hold:
                     self.holding.set()

@@ -485,6 +485,73 @@ async def test_a_failing_sub_agent_is_fed_back_to_its_supervisor(fake_runtime) -
     assert "OutputValidationError: agent 'worker' step 1: model output is not valid JSON" in error
 
 
+# --- shared prefixes and priority -----------------------------------------------------------------
+
+
+async def test_each_step_extends_the_previous_prompt_and_reports_the_tokens_read_from_the_prefix_cache(
+        fake_runtime) -> None:
+    engine = FakeGenerateEngine(script({"tool": "add", "arguments": {"a": 2, "b": 3}}, {"answer": "It is 5."}),
+                                cache_block_size=4)
+    rt, _ = fake_runtime(MODEL, assistant=engine)
+    async with rt:
+        result = await rt.run_agent(Agent("adder", "assistant", "You add numbers.", [add]), "What is 2 + 3?")
+
+    first, second = (call.prompt for call in engine.calls)
+    assert second.startswith(first)  # the whole first prompt, then the step's output and the tool's result
+    assert result.steps[0].cached_tokens == 0
+    assert result.steps[1].cached_tokens == engine.calls[1].cached_tokens > 0
+    assert result.steps[1].cached_tokens >= result.steps[0].prompt_tokens - 4  # all but its last partial block
+    assert result.cached_tokens == sum(step.cached_tokens for step in result.steps)
+    data = result.to_dict()
+    assert data["cached_tokens"] == result.cached_tokens
+    assert data["transcript"][1]["cached_tokens"] == result.steps[1].cached_tokens
+    assert AgentResult.from_dict(data).steps[1].cached_tokens == result.steps[1].cached_tokens
+
+
+async def test_agents_of_one_definition_send_one_byte_identical_system_message(fake_runtime) -> None:
+    def reply(prompt: str, options: SamplingOptions) -> str:
+        if "You delegate." in prompt:
+            if step_of(prompt) == 1:
+                return json.dumps({"calls": [{"tool": "helper", "arguments": {"task": f"part {i}"}}
+                                             for i in range(3)]})
+            return json.dumps({"answer": "combined"})
+        return json.dumps({"tool": "add", "arguments": {"a": 1, "b": 2}} if step_of(prompt) == 1
+                          else {"answer": "3"})
+
+    engine = FakeGenerateEngine(reply, cache_block_size=4)
+    rt, _ = fake_runtime(MODEL, assistant=engine)
+    helper = Agent("helper", "assistant", "You help with sums.", [add], first_step_calls=1)
+    boss = Agent("boss", "assistant", "You delegate.", [helper], parallel_calls=3)
+    async with rt:
+        await rt.run_agent(boss, "do it")
+        await rt.run_agent(Agent("helper", "assistant", "You help with sums.", [add], first_step_calls=1), "alone")
+
+    system = helper.system_prompt()
+    helper_calls = [call for call in engine.calls if "You help with sums." in call.prompt]
+    assert len(helper_calls) == 8  # three sub-agents and one more agent of the same definition, two steps each
+    assert all(call.prompt.startswith(f"<system>{system}\n<user>") for call in helper_calls)
+    firsts = sorted((call for call in helper_calls if step_of(call.prompt) == 1), key=lambda call: call.started)
+    system_tokens = len(engine.encode(f"<system>{system}\n"))
+    assert all(call.cached_tokens >= system_tokens - 4 for call in firsts[1:])  # the system message came cached
+
+
+async def test_an_agent_run_makes_its_calls_and_its_sub_agents_calls_at_its_priority(fake_runtime) -> None:
+    def reply(prompt: str, options: SamplingOptions) -> str:
+        if "You delegate." in prompt:
+            return json.dumps({"tool": "helper", "arguments": {"task": "x"}} if step_of(prompt) == 1
+                              else {"answer": "done"})
+        return json.dumps({"answer": "helped"})
+
+    engine = FakeGenerateEngine(reply)
+    rt, _ = fake_runtime(MODEL, assistant=engine)
+    boss = Agent("boss", "assistant", "You delegate.", [Agent("helper", "assistant", "You help.")])
+    async with rt:
+        await rt.run_agent(boss, "go", priority=7)
+        await rt.run_agent(boss, "go")
+
+    assert [call.priority for call in engine.calls] == [7, 7, 7, 0, 0, 0]
+
+
 # --- built-in tools -------------------------------------------------------------------------------
 
 

@@ -354,3 +354,41 @@ async def test_truncate_true_lets_a_too_long_prompt_run(fake_runtime) -> None:
     assert result.stages["answer"]["text"] == "short answer"
     assert result.stages["answer"]["prompt_tokens"] == 40  # context 50 - max_tokens 10
 
+
+
+PRIORITIES = """
+models:
+  assistant: {kind: generate, source: ./assistant}
+pipelines:
+  nightly:
+    priority: 5
+    stages:
+      summary: {kind: reason, model: assistant, prompt: "Summarise the day.", max_tokens: 4}
+      alert: {kind: reason, model: assistant, prompt: "Raise the alert.", max_tokens: 4, priority: -1}
+  chat:
+    stages:
+      reply: {kind: reason, model: assistant, prompt: "Say hello.", max_tokens: 4}
+"""
+
+
+async def test_a_pipeline_priority_reaches_its_model_calls_and_a_stage_may_set_its_own(fake_runtime) -> None:
+    engine = FakeGenerateEngine()
+    rt, _ = fake_runtime(PRIORITIES, assistant=engine)
+    async with rt:
+        await rt.run("nightly")
+        await rt.run("chat")
+
+    by_prompt = {call.prompt.split(">", 1)[1].split("\n")[0]: call.priority for call in engine.calls}
+    assert by_prompt == {"Summarise the day.": 5, "Raise the alert.": -1, "Say hello.": 0}
+
+
+async def test_a_stage_result_says_how_many_prompt_tokens_came_from_the_prefix_cache(fake_runtime) -> None:
+    engine = FakeGenerateEngine(cache_block_size=2)
+    rt, _ = fake_runtime(PRIORITIES, assistant=engine)
+    async with rt:
+        first = await rt.run("chat")
+        second = await rt.run("chat")
+
+    assert first.stages["reply"]["cached_tokens"] == 0
+    assert second.stages["reply"]["cached_tokens"] == 2  # "<user>Say hello." of 3 tokens: one whole block
+    assert second.stages["reply"]["prompt_tokens"] == 3

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from multilane import InputError, SamplingOptions, SpecError, StageError, TemplateError
+from multilane import InputError, SamplingOptions, SpecError, StageError, TemplateError, load_spec
+from multilane.spec import GenerateStage
 from multilane.testing import FakeGenerateEngine
 
 pytestmark = pytest.mark.anyio
@@ -205,3 +208,53 @@ def test_on_error_and_max_concurrency_are_validated(make_spec) -> None:
     assert error.reason == "unknown on_error 'ignore' (allowed: fail, skip, collect)"
     error = _spec_error(make_spec, FAN.replace("max_concurrency: 16", "max_concurrency: 0"))
     assert error.reason == "must be >= 1, got 0"
+
+
+SHARED_FIRST = """
+models:
+  assistant: {kind: generate, source: ./assistant}
+pipelines:
+  brief:
+    inputs: {notes: str, questions: list}
+    stages:
+      answers:
+        kind: reason
+        model: assistant
+        for_each: inputs.questions
+        prompt: "Notes: {{ inputs.notes }}\\nQuestion: {{ item }}"
+"""
+
+
+async def test_items_whose_prompts_start_with_the_shared_notes_read_them_from_the_prefix_cache(fake_runtime) -> None:
+    notes = " ".join(f"fact{i}" for i in range(40))
+    engine = FakeGenerateEngine(cache_block_size=8)
+    rt, _ = fake_runtime(SHARED_FIRST, assistant=engine)
+    async with rt:
+        result = await rt.run("brief", notes=notes, questions=["why?", "how?", "when?", "where?"])
+
+    items = result.stages["answers"]["items"]
+    assert [item["cached_tokens"] for item in items] == [call.cached_tokens for call in engine.calls]
+    assert sorted(item["cached_tokens"] for item in items) == [0, 40, 40, 40]  # the notes, in whole blocks
+    assert all(item["prompt_tokens"] == 44 for item in items)  # "<user>Notes:", 40 facts, the question, "<assistant>"
+
+
+def test_the_example_pipelines_put_shared_text_before_per_call_text() -> None:
+    """In every generating stage of pipelines/*.yaml, retrieved passages come before the question or the item."""
+    root = Path(__file__).resolve().parents[2] / "pipelines"
+    checked = 0
+    for path in sorted(root.glob("*.yaml")):
+        spec = load_spec(path)
+        for pipeline in spec.pipelines.values():
+            for stage in pipeline.stages.values():
+                if not isinstance(stage, GenerateStage):
+                    continue
+                reads = [read for source in (stage.system, stage.prompt) if source is not None
+                         for read in re.findall(r"\{\{\s*(stages\.\w+|inputs\.\w+|item)", source)]
+                if any(read.startswith("stages.") for read in reads):
+                    checked += 1
+                    first_own = min((i for i, read in enumerate(reads) if not read.startswith("stages.")),
+                                    default=len(reads))
+                    assert all(read.startswith("stages.") for read in reads[:first_own]) and \
+                        all(not read.startswith("stages.") for read in reads[first_own:]), (path.name, reads)
+                assert "item" not in " ".join(re.findall(r"\{\{[^}]*\}\}", stage.system or "")), path.name
+    assert checked >= 3

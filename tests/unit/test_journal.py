@@ -118,13 +118,13 @@ class GatedEngine(FakeGenerateEngine):
         self.reached = anyio.Event()
         self.opened = anyio.Event()
 
-    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions,
-                     request_id: str) -> AsyncIterator[Chunk]:
+    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions, request_id: str, *,
+                     priority: int = 0) -> AsyncIterator[Chunk]:
         """Stream as the fake does, after waiting at the gate when the prompt matches."""
         if self.gate(self._texts.get(tuple(prompt_ids), "")):
             self.reached.set()
             await self.opened.wait()
-        async for chunk in super().stream(prompt_ids, options, request_id):
+        async for chunk in super().stream(prompt_ids, options, request_id, priority=priority):
             yield chunk
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -49,8 +50,11 @@ class Planner:
     def __init__(self, costs: dict[str, int], *, keys: dict[str, str] | None = None, parallel: int = 2,
                  context: int = 2048, kv_bytes_per_token: int = 0, load_delay: float = 0.0,
                  make_engine: Callable[[], FakeGenerateEngine] = FakeGenerateEngine,
-                 load_gate: anyio.Event | None = None, max_loads: int = 100) -> None:
+                 load_gate: anyio.Event | None = None, max_loads: int = 100, reserved_slots: int = 0,
+                 reserved_priority: int = 0) -> None:
         self.costs = costs
+        self.reserved_slots = reserved_slots
+        self.reserved_priority = reserved_priority
         self.load_gate = load_gate  # when given, every load waits for it
         self.max_loads = max_loads  # a runaway reload loop fails here instead of spinning for ever
         self.keys = keys or {}
@@ -88,13 +92,15 @@ class Planner:
 
         kv = KVPlan.per_token(self.parallel, self.context, self.kv_bytes_per_token) if self.kv_bytes_per_token else None
         return LanePlan(key=("k", self.keys.get(name, name)), kind="generate", source=f"fake:{name}", load=load,
-                        weights_bytes=self.costs[name], kv=kv, parallel=self.parallel, context=self.context)
+                        weights_bytes=self.costs[name], kv=kv, parallel=self.parallel, context=self.context,
+                        reserved_slots=self.reserved_slots, reserved_priority=self.reserved_priority)
 
 
 def make_pool(planner: Planner, keep_alive: dict[str, float | None], *, clock: Callable[[], float] = time.monotonic,
-              budget: int | None = None, max_loaded: int = 8, max_queue: int = 8) -> Pool:
+              budget: int | None = None, max_loaded: int = 8, max_queue: int = 8, max_overtakes: int = 32) -> Pool:
     return Pool(planner, models={name: ("generate", seconds) for name, seconds in keep_alive.items()},
-                budget_bytes=budget, max_loaded=max_loaded, max_queue=max_queue, clock=clock)
+                budget_bytes=budget, max_loaded=max_loaded, max_queue=max_queue, clock=clock,
+                max_overtakes=max_overtakes)
 
 
 def loaded_names(pool: Pool) -> list[str]:
@@ -572,6 +578,226 @@ async def test_leaving_a_stream_early_aborts_the_engine_request_before_the_slot_
     assert engine.unfinished_requests() == 0
     assert engine.calls[0].aborted
     assert row(pool, "a")["busy"] == 0
+
+
+# ---- priority: the queue's order, the bound on overtaking, reserved slots
+
+
+class Held:
+    """Streaming calls that each take their slot, say so, and hold it until the test lets them finish.
+
+    Its tests run on the virtual clock, where waiting for every task to block takes no wall time.
+    """
+
+    def __init__(self, pool: Pool, name: str = "a") -> None:
+        self.pool = pool
+        self.name = name
+        self.arrived: list[str] = []
+        self.started: list[str] = []
+        self.priority: dict[str, int] = {}
+        self._finish: dict[str, anyio.Event] = {}
+
+    async def call(self, label: str, priority: int) -> None:
+        self.arrived.append(label)
+        self.priority[label] = priority
+        self._finish[label] = anyio.Event()
+        stream = self.pool.stream(self.name, [{"role": "user", "content": label}], SHORT, priority=priority)
+        async with aclosing(stream):
+            await stream.__anext__()
+            self.started.append(label)
+            await self._finish[label].wait()
+            async for _ in stream:
+                pass
+
+    def running(self) -> list[str]:
+        return [label for label in self.started if not self._finish[label].is_set()]
+
+    async def finish(self, label: str) -> None:
+        self._finish[label].set()
+        await anyio.wait_all_tasks_blocked()
+
+    async def arrive(self, tg: anyio.abc.TaskGroup, label: str, priority: int = 0) -> None:
+        tg.start_soon(self.call, label, priority)
+        await anyio.wait_all_tasks_blocked()
+
+
+@pytest.mark.virtual_clock
+async def test_queued_calls_run_by_priority_then_by_arrival_and_the_engine_gets_each_priority() -> None:
+    planner = Planner({"a": 100}, parallel=1)
+    pool = make_pool(planner, {"a": 300.0})
+    held = Held(pool)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await held.arrive(tg, "first", 0)
+            for label, priority in [("late-5", 5), ("urgent", -1), ("normal-a", 0), ("late-9", 9), ("normal-b", 0),
+                                    ("late-5b", 5)]:
+                await held.arrive(tg, label, priority)
+            assert row(pool, "a")["queued"] == 6
+            assert row(pool, "a")["queued_by_priority"] == {"-1": 1, "0": 2, "5": 2, "9": 1}
+            while held.running():
+                await held.finish(held.running()[0])
+
+    assert held.started == ["first", "urgent", "normal-a", "normal-b", "late-5", "late-5b", "late-9"]
+    assert [(record.prompt.split(">")[1].split("\n")[0], record.priority) for record in planner.engine("a").calls] \
+        == [(label, held.priority[label]) for label in held.started]
+    assert row(pool, "a")["queued_by_priority"] == {}
+
+
+@pytest.mark.virtual_clock
+async def test_a_low_priority_call_is_passed_over_at_most_max_overtakes_times() -> None:
+    planner = Planner({"a": 100}, parallel=1)
+    pool = make_pool(planner, {"a": 300.0}, max_overtakes=2)
+    held = Held(pool)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await held.arrive(tg, "running", 0)
+            await held.arrive(tg, "background", 10)
+            for i in range(4):
+                await held.arrive(tg, f"urgent-{i}", 0)
+            while held.running():
+                await held.finish(held.running()[0])
+                if len(held.started) == 3:  # a new urgent call arrives while the slot is busy again
+                    await held.arrive(tg, "urgent-late", 0)
+
+    # two urgent calls went first; then the background call, before every urgent call that came after it
+    assert held.started == ["running", "urgent-0", "urgent-1", "background", "urgent-2", "urgent-3", "urgent-late"]
+
+
+@pytest.mark.virtual_clock
+async def test_max_overtakes_zero_serves_strictly_in_arrival_order() -> None:
+    planner = Planner({"a": 100}, parallel=1)
+    pool = make_pool(planner, {"a": 300.0}, max_overtakes=0)
+    held = Held(pool)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for label, priority in [("a", 0), ("b", 9), ("c", -5), ("d", 3)]:
+                await held.arrive(tg, label, priority)
+            while held.running():
+                await held.finish(held.running()[0])
+
+    assert held.started == ["a", "b", "c", "d"]
+
+
+@pytest.mark.virtual_clock
+@pytest.mark.parametrize("seed", range(6))
+async def test_no_call_is_overtaken_more_than_max_overtakes_times_whatever_the_arrivals(seed: int) -> None:
+    rng = random.Random(seed)
+    bound = 3
+    planner = Planner({"a": 100}, parallel=2)
+    pool = make_pool(planner, {"a": 300.0}, max_queue=100, max_overtakes=bound)
+    held = Held(pool)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for i in range(60):
+                if rng.random() < 0.55 or not held.running():
+                    await held.arrive(tg, f"c{i}", rng.choice([-2, 0, 0, 1, 5, 9]))
+                else:
+                    await held.finish(rng.choice(held.running()))
+                lane = pool.loaded("a")
+                assert lane is not None
+                assert lane.busy == 2 or lane.queued == 0  # a free slot never leaves a call waiting
+            while held.running():
+                await held.finish(held.running()[0])
+
+    order = {label: i for i, label in enumerate(held.started)}
+    arrival = {label: i for i, label in enumerate(held.arrived)}
+    for label in held.arrived:
+        overtaken_by = [other for other in held.arrived
+                        if arrival[other] > arrival[label] and order[other] < order[label]]
+        assert len(overtaken_by) <= bound, (label, overtaken_by)
+    assert sorted(held.started) == sorted(held.arrived)
+
+
+@pytest.mark.virtual_clock
+async def test_reserved_slots_keep_room_for_urgent_calls_while_background_calls_wait() -> None:
+    planner = Planner({"a": 100}, parallel=3, reserved_slots=1, reserved_priority=0)
+    pool = make_pool(planner, {"a": 300.0})
+    held = Held(pool)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                await held.arrive(tg, f"bg-{i}", 5)
+            assert held.started == ["bg-0", "bg-1"]  # the third slot is reserved
+            assert (row(pool, "a")["busy"], row(pool, "a")["queued"]) == (2, 2)
+            assert row(pool, "a")["reserved_slots"] == 1
+
+            await held.arrive(tg, "chat-1", 0)
+            assert held.started[-1] == "chat-1"  # at once, in the reserved slot
+            await held.arrive(tg, "chat-2", -3)
+            assert row(pool, "a")["queued_by_priority"] == {"-3": 1, "5": 2}
+
+            await held.finish("chat-1")  # the reserved slot frees: only the urgent call may take it
+            assert held.running() == ["bg-0", "bg-1", "chat-2"]
+            await held.finish("bg-0")  # a shared slot frees: the next background call takes it
+            assert held.running() == ["bg-1", "chat-2", "bg-2"]
+            await held.finish("chat-2")  # the reserved slot stays free for the next urgent call
+            assert (row(pool, "a")["busy"], row(pool, "a")["queued"]) == (2, 1)
+            await held.arrive(tg, "chat-3", 0)
+            assert held.running() == ["bg-1", "bg-2", "chat-3"]
+            while held.running():
+                await held.finish(held.running()[0])
+
+    assert held.started == ["bg-0", "bg-1", "chat-1", "chat-2", "bg-2", "chat-3", "bg-3"]
+    assert row(pool, "a")["busy"] == 0
+
+
+@pytest.mark.virtual_clock
+async def test_urgent_calls_in_reserved_slots_do_not_count_as_overtaking_background_calls() -> None:
+    planner = Planner({"a": 100}, parallel=2, reserved_slots=1)
+    pool = make_pool(planner, {"a": 300.0}, max_overtakes=1)
+    held = Held(pool)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await held.arrive(tg, "bg-0", 1)
+            await held.arrive(tg, "bg-1", 1)  # waits: the other slot is reserved
+            for i in range(3):  # each takes the reserved slot, which the waiting background call could not
+                await held.arrive(tg, f"chat-{i}", 0)
+                assert held.running() == ["bg-0", f"chat-{i}"]
+                await held.finish(f"chat-{i}")
+            await held.finish("bg-0")
+            assert held.running() == ["bg-1"]
+            await held.finish("bg-1")
+
+
+# ---- cached prompt tokens
+
+
+async def test_a_call_sharing_a_prefix_reports_the_cached_blocks_and_the_lane_counts_them() -> None:
+    planner = Planner({"a": 100}, make_engine=lambda: FakeGenerateEngine(cache_block_size=4))
+    pool = make_pool(planner, {"a": 300.0})
+    shared = "one two three four five six seven eight nine ten"  # 10 words; rendered: <user>one ... ten <assistant>
+
+    first = await pool.generate("a", [{"role": "user", "content": shared + " first question"}], SHORT)
+    second = await pool.generate("a", [{"role": "user", "content": shared + " second question"}], SHORT)
+    again = await pool.generate("a", [{"role": "user", "content": shared + " second question"}], SHORT)
+
+    assert (first.prompt_tokens, first.cached_tokens) == (13, 0)
+    assert (second.prompt_tokens, second.cached_tokens) == (13, 8)  # two whole blocks of the shared words
+    assert again.cached_tokens == 12  # all but the last token: an engine always computes that one
+    assert pool.metrics["a"].prompt_tokens == 39
+    assert pool.metrics["a"].prompt_cached_tokens == 20
+    assert row(pool, "a")["cached_tokens"] == 20
+    assert row(pool, "a")["cache_hit_rate"] == pytest.approx(20 / 39)
+
+
+async def test_a_lane_without_prefix_caching_reports_no_cached_tokens_and_no_hit_rate_before_a_call() -> None:
+    planner = Planner({"a": 100})
+    pool = make_pool(planner, {"a": 300.0})
+    await pool.load("a")
+    assert row(pool, "a")["cache_hit_rate"] is None
+
+    done = await pool.generate("a", HI, SHORT)
+    await pool.generate("a", HI, SHORT)
+
+    assert done.cached_tokens == 0
+    assert pool.metrics["a"].prompt_cached_tokens == 0
+    assert row(pool, "a")["cache_hit_rate"] == 0.0
 
 
 # ---- engine death

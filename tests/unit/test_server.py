@@ -1026,6 +1026,35 @@ async def test_ps_url_prints_the_servers_lanes(serve: Any, monkeypatch: pytest.M
     assert "1 of 3 lanes loaded" in result.output
 
 
+async def test_ps_shows_the_cache_hit_rate_reserved_slots_and_the_queue_by_priority(
+        serve: Any, held: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = PRIORITY_SPEC.replace("parallel: 1}", "parallel: 2, reserved_slots: 1}")
+    engine = held("a b c", cache_block_size=1)
+    async with serve(spec, assistant=engine) as s:
+        async with anyio.create_task_group() as tg:
+            for content, priority in [("running", 1), ("waits", 1), ("waits too", 3), ("and this", 3)]:
+                tg.start_soon(lambda c=content, p=priority: s.client.post(
+                    "/v1/chat/completions", json=chat(c, priority=p)))
+                await anyio.wait_all_tasks_blocked()
+            payload = (await s.client.get("/api/ps")).json()
+            engine.release.set()
+        await s.client.post("/v1/chat/completions", json=chat("running"))  # the same prompt: all of it is known
+        later = (await s.client.get("/api/ps")).json()
+    monkeypatch.setattr(httpx, "get", lambda url, headers, timeout: httpx.Response(200, json=payload))
+    busy = CliRunner().invoke(cli_app, ["ps", "--url", "http://127.0.0.1:8700"])
+    monkeypatch.setattr(httpx, "get", lambda url, headers, timeout: httpx.Response(200, json=later))
+    idle = CliRunner().invoke(cli_app, ["ps", "--url", "http://127.0.0.1:8700"])
+
+    header, row = busy.output.splitlines()[:2]
+    assert "QUEUED" in header and "CACHE" in header
+    assert "1/2 (1 reserved)" in row  # the background calls leave the reserved slot free
+    assert "3 (p1: 1, p3: 2)" in row
+    lane = later["models"][0]["multilane"]
+    # "<user>waits" began "waits too", and the repeated prompt came back whole but for its last token
+    assert (lane["prompt_tokens"], lane["cached_tokens"]) == (12, 2)
+    assert " 17% " in idle.output.splitlines()[1]
+
+
 def test_ps_url_reports_a_refusal_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(httpx, "get", lambda url, headers, timeout: httpx.Response(
         401, json={"error": "invalid API key"}))
@@ -1067,3 +1096,76 @@ def test_serve_passes_its_options_and_the_env_api_key(monkeypatch: pytest.Monkey
     assert result.exit_code == 0, result.output
     assert seen["path"] == spec and seen["host"] == "127.0.0.1" and seen["port"] == 9001
     assert seen["api_key"] == "from-env" and seen["grace"] == 3 and seen["max_body_bytes"] == 1024 * 1024
+
+
+# ---- cached prompt tokens and priority
+
+LONG = " ".join(f"word{i}" for i in range(24))
+
+
+async def test_cached_prompt_tokens_reach_the_usage_of_every_route_and_the_metrics(serve: Any) -> None:
+    async with serve(assistant=FakeGenerateEngine("a b", cache_block_size=4)) as s:
+        first = await s.client.post("/v1/chat/completions", json=chat(LONG + " first"))
+        second = await s.client.post("/v1/chat/completions", json=chat(LONG + " second"))
+        streamed = sse_events((await s.client.post("/v1/chat/completions", json=chat(
+            LONG + " third", stream=True, stream_options={"include_usage": True}))).text)
+        raw = await s.client.post("/v1/completions", json={"model": "assistant", "prompt": [LONG + " x", LONG + " y"]})
+        responded = await s.client.post("/v1/responses", json={"model": "assistant", "input": LONG + " fourth"})
+        ollama = await s.client.post("/api/chat", json={"model": "assistant", "stream": False,
+                                                        "messages": [{"role": "user", "content": LONG + " fifth"}]})
+        metrics = (await s.client.get("/metrics")).text
+        cached = [call.cached_tokens for call in s.engines["assistant"].calls]
+
+    assert first.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 24}  # "<user>word0 ... word22"
+    assert streamed[-2]["usage"]["prompt_tokens_details"] == {"cached_tokens": 24}
+    assert raw.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 + 24  # raw prompts share no "<user>"
+    assert responded.json()["usage"]["input_tokens_details"]["cached_tokens"] == 24
+    assert ollama.json()["prompt_cached_count"] == 24
+    assert f'multilane_prompt_cached_tokens_total{{model="assistant"}} {float(sum(cached))}' in metrics
+    assert sum(cached) == 24 * 5
+
+
+PRIORITY_SPEC = """
+models:
+  assistant: {kind: generate, source: ./assistant, parallel: 1}
+runtime: {max_queue: 8}
+"""
+
+
+async def test_priority_comes_from_the_body_or_the_header_and_orders_the_queue(serve: Any, held: Any) -> None:
+    engine = held("a b c")
+    async with serve(PRIORITY_SPEC, assistant=engine) as s:
+        replies: list[httpx.Response] = []
+
+        async def post(path: str, body: dict[str, Any], priority: str | None = None) -> None:
+            headers = {"X-Multilane-Priority": priority} if priority is not None else {}
+            replies.append(await s.client.post(path, json=body, headers=headers))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "/v1/chat/completions", chat("running"))
+            await engine.holding.wait()
+            for path, body, header in [
+                    ("/v1/chat/completions", chat("background", priority=5), None),
+                    ("/v1/completions", {"model": "assistant", "prompt": "later", "priority": 3}, "-9"),  # body wins
+                    ("/api/generate", {"model": "assistant", "prompt": "urgent", "stream": False}, "-2"),
+                    ("/v1/responses", {"model": "assistant", "input": "normal"}, None)]:
+                tg.start_soon(post, path, body, header)
+                await anyio.wait_all_tasks_blocked()
+            ps = (await s.client.get("/api/ps")).json()["models"][0]["multilane"]
+            metrics = (await s.client.get("/metrics")).text
+            engine.release.set()
+
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    assert ps["queued"] == 4 and ps["queued_by_priority"] == {"-2": 1, "0": 1, "3": 1, "5": 1}
+    assert 'multilane_lane_queued_by_priority{model="assistant",priority="3"} 1.0' in metrics
+    order = [(call.prompt.replace("<user>", "").split("\n")[0], call.priority) for call in engine.calls]
+    assert order == [("running", 0), ("urgent", -2), ("normal", 0), ("later", 3), ("background", 5)]
+
+
+async def test_a_priority_header_that_is_not_a_whole_number_is_a_422_naming_it(serve: Any) -> None:
+    async with serve() as s:
+        body = {"model": "assistant", "messages": [{"role": "user", "content": "x"}]}
+        r = await s.client.post("/api/chat", json=body, headers={"X-Multilane-Priority": "high"})
+    assert r.status_code == 422
+    assert "X-Multilane-Priority" in r.json()["error"] and "'high'" in r.json()["error"]

@@ -347,7 +347,7 @@ def test_unknown_key_lists_the_allowed_keys(load: Loader) -> None:
     assert str(error) == (
         "rag.yaml:34 pipelines.ask.stages.answer.promt: unknown key 'promt' (allowed: kind, after, timeout, "
         "for_each, on_error, max_concurrency, model, prompt, system, max_tokens, temperature, top_p, stop, truncate, "
-        "seed, cache)"
+        "seed, cache, priority)"
     )
 
 
@@ -804,3 +804,28 @@ def test_an_index_needs_documents_or_a_corpus_but_not_both(load: Loader) -> None
     both = spec_error(load, edit('documents: "../examples/data/**/*.md"',
                                  'documents: "../examples/data/**/*.md"\n    corpus: python-reference'))
     assert str(both) == "rag.yaml:18 indexes.docs: give documents or corpus, not both"
+
+
+def test_priorities_reserved_slots_and_max_overtakes_are_read_from_the_file() -> None:
+    spec = parse_spec(
+        "models:\n  a: {kind: generate, source: x, parallel: 16, reserved_slots: 2, reserved_priority: -1}\n"
+        "runtime: {max_overtakes: 8}\n"
+        "pipelines:\n  p:\n    priority: 3\n    stages:\n"
+        "      s: {kind: reason, model: a, prompt: hi}\n      t: {kind: reason, model: a, prompt: hi, priority: -2}\n",
+        "f.yaml")
+    assert (spec.model("a").reserved_slots, spec.model("a").reserved_priority) == (2, -1)
+    assert spec.runtime.max_overtakes == 8
+    assert (spec.pipeline("p").priority_of("s"), spec.pipeline("p").priority_of("t")) == (3, -2)
+
+
+def test_reserved_slots_must_leave_a_slot_for_every_priority() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec("models:\n  a: {kind: generate, source: x, parallel: 4, reserved_slots: 4}\n", "f.yaml")
+    assert (caught.value.line, caught.value.field) == (2, "models.a")
+    assert "reserved_slots (4) must be below parallel (4)" in caught.value.reason
+
+
+def test_a_priority_must_be_a_whole_number() -> None:
+    with pytest.raises(SpecError, match=r"^f\.yaml:5 pipelines\.p\.priority: expected a whole number"):
+        parse_spec("models:\n  a: {kind: generate, source: x}\npipelines:\n  p:\n    priority: high\n"
+                   "    stages: {s: {kind: reason, model: a, prompt: hi}}\n", "f.yaml")

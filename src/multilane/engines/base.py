@@ -31,18 +31,19 @@ class Chunk:
     tokens: int
     finish_reason: str | None = None  # set on the last chunk
     prompt_tokens: int = 0  # set by the lane on every chunk it passes on
-    cached_tokens: int = 0  # prompt tokens the engine served from its prefix cache, where it says
+    cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache; set once the prompt is read
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished generation."""
+    """A finished generation; `cached_tokens` of its prompt tokens came from the engine's prefix cache."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
     extra: dict[str, Any] = field(default_factory=dict)
+    cached_tokens: int = 0
 
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
@@ -52,7 +53,7 @@ async def collect(chunks: AsyncGenerator[Chunk, None],
                   on_text: Callable[[str], Awaitable[None]] | None = None) -> Completion:
     """Gather a stream of chunks into a Completion, passing each piece of text to `on_text` as it comes."""
     parts: list[str] = []
-    tokens = prompt_tokens = 0
+    tokens = prompt_tokens = cached_tokens = 0
     finish: str | None = None
     async with aclosing(chunks):  # leaving early (an error in on_text, a cancel) aborts the request at once
         async for chunk in chunks:
@@ -60,9 +61,10 @@ async def collect(chunks: AsyncGenerator[Chunk, None],
             tokens += chunk.tokens
             finish = chunk.finish_reason or finish
             prompt_tokens = chunk.prompt_tokens or prompt_tokens
+            cached_tokens = chunk.cached_tokens or cached_tokens
             if on_text is not None and chunk.text:
                 await on_text(chunk.text)
-    return Completion("".join(parts), prompt_tokens, tokens, finish)
+    return Completion("".join(parts), prompt_tokens, tokens, finish, cached_tokens=cached_tokens)
 
 
 @runtime_checkable
@@ -78,8 +80,12 @@ class GenerateEngine(Protocol):
     context: int
     device: str
 
-    def stream(self, prompt: Any, options: SamplingOptions, request_id: str) -> AsyncIterator[Chunk]:
-        """Stream a completion of a prepared prompt; closing the iterator early aborts the request."""
+    def stream(self, prompt: Any, options: SamplingOptions, request_id: str, *,
+               priority: int = 0) -> AsyncIterator[Chunk]:
+        """Stream a completion of a prepared prompt; closing the iterator early aborts the request.
+
+        `priority` (lower first) orders the request among those waiting inside the engine, where it has a queue.
+        """
         ...
 
     def unfinished_requests(self) -> int:

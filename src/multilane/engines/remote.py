@@ -275,13 +275,20 @@ class RemoteGenerateEngine(_Remote):
                     "or set truncate: true")
         return RemotePrompt(messages, text, tokens)
 
-    async def stream(self, prompt: RemotePrompt, options: SamplingOptions, request_id: str) -> AsyncIterator[Chunk]:
-        """Stream the remote's completion; closing the stream early closes the connection, which aborts it."""
+    async def stream(self, prompt: RemotePrompt, options: SamplingOptions, request_id: str, *,
+                     priority: int = 0) -> AsyncIterator[Chunk]:
+        """Stream the remote's completion; closing the stream early closes the connection, which aborts it.
+
+        A priority other than 0 is sent as vLLM's server takes it (`priority` in the body); the cached prompt
+        tokens come from the remote's `usage.prompt_tokens_details`, when it sends them.
+        """
         body: dict[str, Any] = {
             "model": self.settings.served_model, "stream": True, "max_tokens": options.max_tokens,
             "temperature": options.temperature, "top_p": options.top_p,
             "stream_options": {"include_usage": True},
         }
+        if priority:
+            body["priority"] = priority  # a vLLM extension, honoured by a server run with the priority policy
         if options.stop:
             body["stop"] = list(options.stop)
         if options.seed is not None:
@@ -303,13 +310,14 @@ class RemoteGenerateEngine(_Remote):
             # Each event with text counts one token while it streams (the lane times the first token by it);
             # the remote's `usage`, sent after the finish, corrects the sum on the last chunk, which carries
             # the finish reason and so is held back until the stream ends.
-            counted = 0
+            counted = cached = 0
             usage: int | None = None
             finish: str | None = None
             try:
                 async for event in _events(response, self.settings.url):
                     if isinstance(event.get("usage"), dict) and event["usage"].get("completion_tokens") is not None:
                         usage = int(event["usage"]["completion_tokens"])
+                        cached = _cached_tokens(event["usage"])
                     for choice in event.get("choices") or []:
                         piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
                         finish = choice.get("finish_reason") or finish
@@ -324,10 +332,17 @@ class RemoteGenerateEngine(_Remote):
                          url=self.settings.url, model=self.settings.served_model)
             # Never a negative count: a remote whose usage is below its events with text (none known) keeps ours.
             rest = max(usage - counted, 0) if usage is not None else 0
-            if finish or rest:
-                yield Chunk("", rest, finish_reason=finish)
+            if finish or rest or cached:
+                yield Chunk("", rest, finish_reason=finish, cached_tokens=cached)
         finally:
             self._running -= 1
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int:
+    """The prompt tokens a remote's `usage` says it took from its prefix cache (0 when it does not say)."""
+    details = usage.get("prompt_tokens_details")
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 class RemoteEmbeddingEngine(_Remote):

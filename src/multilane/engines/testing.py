@@ -30,6 +30,8 @@ class CallRecord:
     started: float
     finished: float | None = None
     aborted: bool = False
+    priority: int = 0  # the priority the lane passed on
+    cached_tokens: int = 0  # prompt tokens the fake's prefix cache held (see `cache_block_size`)
 
 
 def example_for_schema(schema: dict[str, Any]) -> Any:
@@ -62,20 +64,29 @@ class FakeGenerateEngine:
     With a JSON schema in the options it answers with a value valid against the schema, as vLLM's
     structured outputs would. Every call is recorded in `calls`, with start and end times. Tokens come
     every `token_delay` seconds, or whenever `pace()` returns; `kill()` makes the engine die.
+
+    With `cache_block_size`, the fake keeps a prefix cache as vLLM does: the full blocks of that many prompt
+    tokens of every call are remembered, and a later prompt that starts with the same blocks reports them as
+    its `cached_tokens` (never its last token, which an engine always computes). Generated tokens are not cached.
     """
 
     def __init__(self, reply: Reply = "fake reply", *, context: int = 2048, token_delay: float = 0.0,
-                 identity: str = "fake-generate", device: str = "cpu", pace: Pace | None = None) -> None:
+                 identity: str = "fake-generate", device: str = "cpu", pace: Pace | None = None,
+                 cache_block_size: int | None = None) -> None:
+        if cache_block_size is not None and cache_block_size < 1:
+            raise ValueError(f"cache_block_size must be 1 or more, got {cache_block_size}")
         self.reply = reply
         self.context = context
         self.token_delay = token_delay
         self.pace = pace
         self.identity = identity
         self.device = device
+        self.cache_block_size = cache_block_size
         self.calls: list[CallRecord] = []
         self.closed = False
         self._running = 0
         self._texts: dict[tuple[int, ...], str] = {}
+        self._blocks: set[tuple[int, ...]] = set()  # every cached prefix, a whole number of blocks long
         self.dead = False
 
     def render(self, messages: Sequence[Message]) -> str:
@@ -96,6 +107,18 @@ class FakeGenerateEngine:
         """Make the engine die as a killed vLLM process would: every call, running or new, fails."""
         self.dead = True
 
+    def _cached_prefix(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading prompt tokens the prefix cache holds, in whole blocks; remembers this prompt's blocks."""
+        size = self.cache_block_size
+        if size is None:
+            return 0
+        ids = tuple(prompt_ids)
+        cached = 0
+        while cached + size <= len(ids) - 1 and ids[:cached + size] in self._blocks:
+            cached += size
+        self._blocks.update(ids[:end] for end in range(size, len(ids) + 1, size))
+        return cached
+
     def _answer(self, prompt: str, options: SamplingOptions) -> str:
         if callable(self.reply):
             return self.reply(prompt, options)
@@ -103,13 +126,15 @@ class FakeGenerateEngine:
             return json.dumps(example_for_schema(options.json_schema))
         return self.reply
 
-    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions,
-                     request_id: str) -> AsyncIterator[Chunk]:
-        """Yield the reply word by word, sleeping `token_delay` before each."""
+    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions, request_id: str, *,
+                     priority: int = 0) -> AsyncIterator[Chunk]:
+        """Yield the reply word by word, sleeping `token_delay` before each; each chunk says its cached tokens."""
         if self.dead:
             raise EngineDeadError("the fake engine is dead")
         prompt = self._texts.get(tuple(prompt_ids), "")
-        record = CallRecord(request_id, prompt, options, time.perf_counter(), aborted=True)
+        cached = self._cached_prefix(prompt_ids)
+        record = CallRecord(request_id, prompt, options, time.perf_counter(), aborted=True, priority=priority,
+                            cached_tokens=cached)
         self.calls.append(record)
         self._running += 1
         every = re.findall(r"\S+\s*", self._answer(prompt, options))
@@ -126,7 +151,7 @@ class FakeGenerateEngine:
                 last = i == len(words) - 1
                 if last:
                     record.aborted = False
-                yield Chunk(word, 1 if word else 0, finish_reason=finish if last else None)
+                yield Chunk(word, 1 if word else 0, finish_reason=finish if last else None, cached_tokens=cached)
         finally:
             record.finished = time.perf_counter()
             self._running -= 1

@@ -156,6 +156,11 @@ class VLLMEngine:
         self.dtype = dtype
         self.stats = stats or EngineStats()  # the scheduler's figures: preemptions, sequences running
         self.capacity = capacity  # vLLM's own KV cache figures
+        config = getattr(llm, "vllm_config", None)
+        # Automatic prefix caching: full KV blocks of earlier prompts are reused by prompts that start the same.
+        self.prefix_caching = bool(getattr(getattr(config, "cache_config", None), "enable_prefix_caching", False))
+        # Under the priority policy vLLM orders its own waiting requests by each request's priority.
+        self.priority_policy = str(getattr(getattr(config, "scheduler_config", None), "policy", "fcfs")) == "priority"
         self._closed = False
 
     @classmethod
@@ -178,6 +183,10 @@ class VLLMEngine:
         device = str(current_platform.device_type)
         if device == "cpu":
             options.setdefault("enforce_eager", True)  # CUDA graphs and torch.compile only cost time here
+        # The lane queue orders calls by priority; vLLM's priority policy keeps its own waiting requests in the
+        # same order. Prefix caching is vLLM's default (on the CPU too); `engine: {enable_prefix_caching: false}`
+        # turns it off.
+        options.setdefault("scheduling_policy", "priority")
         stats = EngineStats()
         log.info("loading vllm engine", model=name, path=path, context=context, parallel=parallel, dtype=dtype,
                  kv=kv.arithmetic() if kv is not None else None, device=device)
@@ -240,9 +249,12 @@ class VLLMEngine:
         """Requests vLLM holds now."""
         return int(self._llm.get_num_unfinished_requests())
 
-    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions,
-                     request_id: str) -> AsyncIterator[Chunk]:
-        """Stream new text as vLLM produces it; leaving early (cancel, close) aborts the request."""
+    async def stream(self, prompt_ids: Sequence[int], options: SamplingOptions, request_id: str, *,
+                     priority: int = 0) -> AsyncIterator[Chunk]:
+        """Stream new text as vLLM produces it; leaving early (cancel, close) aborts the request.
+
+        Each chunk carries how many prompt tokens vLLM took from its prefix cache (known once the prompt is read).
+        """
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -256,12 +268,13 @@ class VLLMEngine:
         )
         finished = False
         try:
-            async for out in self._llm.generate({"prompt_token_ids": list(prompt_ids)}, params, request_id):
+            async for out in self._llm.generate({"prompt_token_ids": list(prompt_ids)}, params, request_id,
+                                                priority=priority if self.priority_policy else 0):
                 piece = out.outputs[0]
                 finished = out.finished
                 yield Chunk(piece.text, len(piece.token_ids),
                             finish_reason=piece.finish_reason if finished else None,
-                            cached_tokens=getattr(out, "num_cached_tokens", None) or 0)
+                            cached_tokens=int(out.num_cached_tokens or 0))
         except Exception as exc:
             if getattr(self._llm, "errored", False):
                 raise _engine_error(_Dead()) from exc

@@ -43,10 +43,10 @@ class Resources(Protocol):
     """What stages need from the runtime: models by name and indexes by name."""
 
     async def generate(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
-                       *, truncate: bool = False) -> Completion: ...
+                       *, truncate: bool = False, priority: int = 0) -> Completion: ...
 
     def generate_stream(self, model: str, messages: Sequence[Message] | str, options: SamplingOptions | None = None,
-                        *, truncate: bool = False) -> AsyncGenerator[Chunk, None]: ...
+                        *, truncate: bool = False, priority: int = 0) -> AsyncGenerator[Chunk, None]: ...
 
     async def embed(self, model: str, texts: Sequence[str]) -> np.ndarray: ...
 
@@ -115,6 +115,7 @@ class StageContext:
     sink: EventSink | None = None
     item: Any = NO_ITEM  # the list element, in a for_each stage
     item_index: int | None = None
+    priority: int = 0  # of the stage's model calls, lower first (the stage's setting, else the pipeline's)
 
     def render(self, source: str) -> str:
         """Render a template of this stage with `inputs` and `stages` (and `item` in a for_each stage)."""
@@ -155,9 +156,11 @@ async def _generate(stage: GenerateStage, ctx: StageContext, options: SamplingOp
     async def call() -> Completion:
         nonlocal streamed
         if ctx.sink is None:
-            return await ctx.resources.generate(stage.model, messages, options, truncate=stage.truncate)
+            return await ctx.resources.generate(stage.model, messages, options, truncate=stage.truncate,
+                                                priority=ctx.priority)
         streamed = True
-        stream = ctx.resources.generate_stream(stage.model, messages, options, truncate=stage.truncate)
+        stream = ctx.resources.generate_stream(stage.model, messages, options, truncate=stage.truncate,
+                                               priority=ctx.priority)
         return await collect(stream, lambda text: ctx.emit("token", text=text))
 
     done = await ctx.scope.generate(stage.model, messages, options, call, truncate=stage.truncate)
@@ -198,7 +201,7 @@ async def _run_retrieve(stage: RetrieveStage, ctx: StageContext) -> dict[str, An
 
 async def _run_reason(stage: ReasonStage, ctx: StageContext) -> dict[str, Any]:
     done = await _generate(stage, ctx, _options(stage))
-    return {"text": done.text.strip(), "prompt_tokens": done.prompt_tokens,
+    return {"text": done.text.strip(), "prompt_tokens": done.prompt_tokens, "cached_tokens": done.cached_tokens,
             "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason,
             "cached": bool(done.extra.get("cached"))}
 
@@ -207,8 +210,8 @@ async def _run_tool_call(stage: ToolCallStage, ctx: StageContext) -> dict[str, A
     done = await _generate(stage, ctx, _options(stage, stage.json_schema))
     value = parse_json_output(done.text, stage.json_schema, finish_reason=done.finish_reason)
     return {"json": value, "text": done.text, "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason,
-            "cached": bool(done.extra.get("cached"))}
+            "cached_tokens": done.cached_tokens, "completion_tokens": done.completion_tokens,
+            "finish_reason": done.finish_reason, "cached": bool(done.extra.get("cached"))}
 
 
 async def _run_agent(stage: AgentStage, ctx: StageContext) -> dict[str, Any]:
@@ -221,7 +224,7 @@ async def _run_agent(stage: AgentStage, ctx: StageContext) -> dict[str, Any]:
         await ctx.emit("agent_step", agent=agent.name, step=step.to_dict())
 
     result = await run_agent(agent, task, ctx.resources, on_step=on_step if ctx.sink is not None else None,
-                             scope=ctx.scope.child("agent"))
+                             scope=ctx.scope.child("agent"), priority=ctx.priority)
     return result.to_dict()
 
 
@@ -326,7 +329,8 @@ async def execute(name: str, pipeline: PipelineSpec, inputs: Mapping[str, Any], 
             await done[dep].wait()
         stage = pipeline.stages[stage_name]
         stage_scope = scope.child(f"stage:{stage_name}", cache=getattr(stage, "cache", None))
-        ctx = StageContext(name, stage_name, run_id, bound, results, resources, stage_scope, sink)
+        ctx = StageContext(name, stage_name, run_id, bound, results, resources, stage_scope, sink,
+                           priority=pipeline.priority_of(stage_name))
         log.debug("stage started", stage=stage_name, kind=stage.kind)
         await emit("stage_started", stage_name, kind=stage.kind)
         t0 = time.perf_counter()

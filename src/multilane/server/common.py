@@ -70,6 +70,23 @@ def declared_model(runtime: Runtime, name: str, kind: str) -> ModelSpec:
     return model
 
 
+PRIORITY_HEADER = "X-Multilane-Priority"
+
+
+def call_priority(request: Request, given: int | None = None) -> int:
+    """A call's priority (lower first): the body's `priority` if given, else the X-Multilane-Priority header, else 0."""
+    if given is not None:
+        return given
+    raw = request.headers.get(PRIORITY_HEADER)
+    if raw is None:
+        return 0
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ApiError(422, f"header {PRIORITY_HEADER}: expected an integer (lower runs first, default 0), got "
+                            f"{raw!r}", code="invalid_priority") from None
+
+
 def sampling(request: Request, *, max_tokens: int | None, temperature: float | None, top_p: float | None,
              stop: str | list[str] | None, seed: int | None,
              json_schema: dict[str, Any] | None = None, ignore_eos: bool = False) -> SamplingOptions:

@@ -32,6 +32,9 @@ class _PoolCollector(Collector):
             "rejected": CounterMetricFamily("multilane_rejected", "Calls refused: queue full", labels=["model"]),
             "failures": CounterMetricFamily("multilane_failures", "Calls failed by a dead engine", labels=["model"]),
             "prompt_tokens": CounterMetricFamily("multilane_prompt_tokens", "Prompt tokens", labels=["model"]),
+            "prompt_cached_tokens": CounterMetricFamily(
+                "multilane_prompt_cached_tokens", "Prompt tokens the engine took from its prefix cache",
+                labels=["model"]),
             "completion_tokens": CounterMetricFamily("multilane_completion_tokens", "Generated tokens",
                                                      labels=["model"]),
             "loads": CounterMetricFamily("multilane_loads", "Times the model was loaded", labels=["model"]),
@@ -40,15 +43,20 @@ class _PoolCollector(Collector):
             "load_seconds": CounterMetricFamily("multilane_load_seconds", "Seconds spent loading the model",
                                                 labels=["model"]),
         }
+        by_priority = GaugeMetricFamily("multilane_lane_queued_by_priority", "Calls waiting for a slot, by priority",
+                                        labels=["model", "priority"])
         for name, metrics in pool.metrics.items():
             lane = pool.loaded(name)
             gauges["loaded"].add_metric([name], 1.0 if lane is not None else 0.0)
             gauges["queued"].add_metric([name], lane.queued if lane is not None else 0)
+            for priority, waiting in (lane.queued_by_priority() if lane is not None else {}).items():
+                by_priority.add_metric([name, str(priority)], waiting)
             gauges["busy"].add_metric([name], lane.busy if lane is not None else 0)
             gauges["slots"].add_metric([name], lane.parallel if lane is not None else 0)
             for key, family in counters.items():
                 family.add_metric([name], float(getattr(metrics, key)))
         yield from gauges.values()
+        yield by_priority
         yield from counters.values()
         hits = CounterMetricFamily("multilane_cache_hits", "Model calls answered from the call cache", labels=["model"])
         misses = CounterMetricFamily("multilane_cache_misses", "Cacheable model calls the cache did not have",

@@ -4,7 +4,9 @@
 `stream` defaults to true, as in Ollama (NDJSON lines). An empty prompt or message list loads the model, or
 unloads it with `keep_alive: 0`. `options.num_ctx` is ignored: a lane's context is fixed by the pipeline
 file. Tools are the same schema-constrained calls as on /v1/chat/completions. `images`, `template`,
-`context` and `suffix` are not supported (images are refused).
+`context` and `suffix` are not supported (images are refused). A call's priority (an integer, lower first,
+default 0) comes in the X-Multilane-Priority header; replies add `prompt_cached_count`, the prompt tokens taken
+from the engine's prefix cache.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from multilane.server.common import (
     KeepAlive,
     LazyStreamResponse,
     abort_on_disconnect,
+    call_priority,
     checked_schema,
     declared_model,
     dumps,
@@ -201,6 +204,7 @@ def _timings(rt: Runtime, name: str, was_loaded: bool, started: float, done: Com
     total = time.perf_counter() - started
     first = total if first_token is None else first_token - started
     return {"total_duration": _ns(total), "load_duration": _ns(load), "prompt_eval_count": done.prompt_tokens,
+            "prompt_cached_count": done.cached_tokens,  # an extension: prompt tokens read from the prefix cache
             "prompt_eval_duration": _ns(max(first - load, 0.0)), "eval_count": done.completion_tokens,
             "eval_duration": _ns(total - first)}
 
@@ -216,6 +220,7 @@ async def _reply(request: Request, rt: Runtime, call: _Call, prompt: list[Messag
     With a tool plan the reply is only known once whole: it comes as one piece, a call in `message.tool_calls`.
     """
     options = _options(request, call, None if plan is None else plan.schema)
+    priority = call_priority(request)
     was_loaded = rt.pool.loaded(call.model) is not None
     started = time.perf_counter()
     first: float | None = None
@@ -239,8 +244,8 @@ async def _reply(request: Request, rt: Runtime, call: _Call, prompt: list[Messag
             if on_text is not None:
                 await on_text(text)
 
-        return await collect(rt.generate_stream(call.model, prompt, options, keep_alive=call.keep_alive, raw=raw),
-                             seen)
+        return await collect(rt.generate_stream(call.model, prompt, options, keep_alive=call.keep_alive, raw=raw,
+                                                priority=priority), seen)
 
     if not call.stream:
         done: Completion = await abort_on_disconnect(request, generated)

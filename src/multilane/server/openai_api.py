@@ -1,7 +1,9 @@
 """OpenAI-compatible routes: chat completions (streaming, structured output, tools), completions, embeddings, models.
 
 Request fields of the OpenAI API that Multilane does not implement (frequency_penalty, presence_penalty,
-logit_bias, logprobs, user, ...) are accepted and ignored. `n` must be 1. `keep_alive` is an extension.
+logit_bias, logprobs, user, ...) are accepted and ignored. `n` must be 1. `keep_alive` is an extension, and
+`priority` is vLLM's (an integer, lower first; the X-Multilane-Priority header when the body has none).
+`usage.prompt_tokens_details.cached_tokens` counts the prompt tokens taken from the engine's prefix cache.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from multilane.server.common import (
     KeepAlive,
     LazyStreamResponse,
     abort_on_disconnect,
+    call_priority,
     checked_schema,
     declared_model,
     gather,
@@ -129,6 +132,7 @@ class _Sampled(_Open):
     stop: str | list[str] | None = None
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
+    priority: int | None = None  # vLLM's extension: lower first in the model's queue
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -200,8 +204,9 @@ def _tool_result(text: str, plan: ToolPlan, finish: str | None) -> tuple[dict[st
     return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _sse_error(exc: Exception) -> str:
@@ -254,10 +259,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                        json_schema=schema, ignore_eos=body.ignore_eos)
     reply_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = now()
+    priority = call_priority(request, body.priority)
     if body.stream:
-        return _chat_stream(rt, body, messages, options, plan, reply_id, created)
+        return _chat_stream(rt, body, messages, options, plan, reply_id, created, priority)
     done: Completion = await abort_on_disconnect(request, lambda: rt.generate(
-        body.model, messages, options, keep_alive=body.keep_alive))
+        body.model, messages, options, keep_alive=body.keep_alive, priority=priority))
     if plan is not None:
         message, finish = _tool_result(done.text, plan, done.finish_reason)
     else:
@@ -265,27 +271,27 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return json_response({
         "id": reply_id, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-        "usage": _usage(done.prompt_tokens, done.completion_tokens)})
+        "usage": _usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)})
 
 
 def _chat_stream(rt: Runtime, body: ChatCompletionRequest, messages: list[Message], options: SamplingOptions,
-                 plan: ToolPlan | None, reply_id: str, created: int) -> Response:
+                 plan: ToolPlan | None, reply_id: str, created: int, priority: int) -> Response:
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         return sse({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
 
-    async def finish(emit: Emit, reason: str, prompt_tokens: int, tokens: int) -> None:
+    async def finish(emit: Emit, reason: str, prompt_tokens: int, tokens: int, cached: int) -> None:
         await emit(chunk({}, reason))
         if include_usage:
             await emit(sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                            "model": body.model, "choices": [], "usage": _usage(prompt_tokens, tokens)}))
+                            "model": body.model, "choices": [], "usage": _usage(prompt_tokens, tokens, cached)}))
         await emit(DONE)
 
     async def produce(emit: Emit) -> None:
         if plan is not None:  # a tool call is only known once the whole JSON is in: generate, then send it
-            done = await rt.generate(body.model, messages, options, keep_alive=body.keep_alive)
+            done = await rt.generate(body.model, messages, options, keep_alive=body.keep_alive, priority=priority)
             message, reason = _tool_result(done.text, plan, done.finish_reason)
             await emit(chunk({"role": "assistant", "content": ""}))
             if message.get("tool_calls"):
@@ -293,22 +299,24 @@ def _chat_stream(rt: Runtime, body: ChatCompletionRequest, messages: list[Messag
                 await emit(chunk({"tool_calls": [{"index": 0, **call}]}))
             else:
                 await emit(chunk({"content": message["content"]}))
-            await finish(emit, reason, done.prompt_tokens, done.completion_tokens)
+            await finish(emit, reason, done.prompt_tokens, done.completion_tokens, done.cached_tokens)
             return
-        prompt_tokens = tokens = 0
+        prompt_tokens = tokens = cached = 0
         reason = "stop"
-        async with aclosing(rt.generate_stream(body.model, messages, options, keep_alive=body.keep_alive)) as chunks:
+        async with aclosing(rt.generate_stream(body.model, messages, options, keep_alive=body.keep_alive,
+                                               priority=priority)) as chunks:
             first = True
             async for piece in chunks:
                 if first:
                     await emit(chunk({"role": "assistant", "content": ""}))
                     first = False
                 prompt_tokens = piece.prompt_tokens or prompt_tokens
+                cached = piece.cached_tokens or cached
                 tokens += piece.tokens
                 reason = piece.finish_reason or reason
                 if piece.text:
                     await emit(chunk({"content": piece.text}))
-        await finish(emit, reason, prompt_tokens, tokens)
+        await finish(emit, reason, prompt_tokens, tokens, cached)
 
     return LazyStreamResponse(produce, media_type="text/event-stream", on_error=_sse_error, headers=SSE_HEADERS)
 
@@ -323,6 +331,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                        stop=body.stop, seed=body.seed, ignore_eos=body.ignore_eos)
     reply_id = f"cmpl-{uuid.uuid4().hex}"
     created = now()
+    priority = call_priority(request, body.priority)
 
     def envelope(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": reply_id, "object": "text_completion", "created": created, "model": body.model,
@@ -334,14 +343,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def produce(emit: Emit) -> None:
-            prompt_tokens = tokens = 0
+            prompt_tokens = tokens = cached = 0
             reason = "stop"
             if body.echo:
                 await emit(sse(envelope([{"index": 0, "text": prompts[0], "logprobs": None, "finish_reason": None}])))
             async with aclosing(rt.generate_stream(body.model, prompts[0], options, keep_alive=body.keep_alive,
-                                                   raw=True)) as chunks:
+                                                   raw=True, priority=priority)) as chunks:
                 async for piece in chunks:
                     prompt_tokens = piece.prompt_tokens or prompt_tokens
+                    cached = piece.cached_tokens or cached
                     tokens += piece.tokens
                     reason = piece.finish_reason or reason
                     if piece.text:
@@ -349,19 +359,21 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                                                   "finish_reason": None}])))
             await emit(sse(envelope([{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}])))
             if include_usage:
-                await emit(sse(envelope([], usage=_usage(prompt_tokens, tokens))))
+                await emit(sse(envelope([], usage=_usage(prompt_tokens, tokens, cached))))
             await emit(DONE)
 
         return LazyStreamResponse(produce, media_type="text/event-stream", on_error=_sse_error, headers=SSE_HEADERS)
 
     def call(prompt: str) -> Any:
-        return lambda: rt.generate(body.model, prompt, options, keep_alive=body.keep_alive, raw=True)
+        return lambda: rt.generate(body.model, prompt, options, keep_alive=body.keep_alive, raw=True,
+                                   priority=priority)
 
     results: list[Completion] = await abort_on_disconnect(request, lambda: gather([call(p) for p in prompts]))
     choices = [{"index": i, "text": (prompts[i] if body.echo else "") + done.text, "logprobs": None,
                 "finish_reason": done.finish_reason or "stop"} for i, done in enumerate(results)]
     return json_response(envelope(choices, usage=_usage(sum(d.prompt_tokens for d in results),
-                                                        sum(d.completion_tokens for d in results))))
+                                                        sum(d.completion_tokens for d in results),
+                                                        sum(d.cached_tokens for d in results))))
 
 
 @router.post("/embeddings")

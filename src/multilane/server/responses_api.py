@@ -26,6 +26,7 @@ from multilane.server.common import (
     KeepAlive,
     LazyStreamResponse,
     abort_on_disconnect,
+    call_priority,
     checked_schema,
     declared_model,
     dumps,
@@ -171,6 +172,7 @@ class ResponsesRequest(_Open):
     user: str | None = None
     seed: int | None = None  # extensions, as vLLM's server takes them
     stop: str | list[str] | None = None
+    priority: int | None = None  # lower first; the X-Multilane-Priority header when not given
     keep_alive: KeepAlive = None
 
 
@@ -267,7 +269,7 @@ class _Reply:
         usage = None
         if done is not None:
             usage = {"input_tokens": done.prompt_tokens,
-                     "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                     "input_tokens_details": {"cached_tokens": done.cached_tokens, "cache_write_tokens": 0},
                      "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": done.prompt_tokens + done.completion_tokens}
         tool_choice = (body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunctionChoice)
@@ -330,17 +332,18 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     options = sampling(request, max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p,
                        stop=body.stop, seed=body.seed, json_schema=schema)
     reply = _Reply(body, options)
+    priority = call_priority(request, body.priority)
     if body.stream:
-        return _stream(rt, body, messages, options, plan, reply)
+        return _stream(rt, body, messages, options, plan, reply, priority)
     done: Completion = await abort_on_disconnect(request, lambda: rt.generate(
-        body.model, messages, options, keep_alive=body.keep_alive))
+        body.model, messages, options, keep_alive=body.keep_alive, priority=priority))
     read = plan.read(done.text, done.finish_reason) if plan is not None else None
     status = _status(done.finish_reason)
     return json_response(reply.envelope(status, reply.output(read, done.text, status), done))
 
 
 def _stream(rt: Runtime, body: ResponsesRequest, messages: list[Message], options: SamplingOptions,
-            plan: ToolPlan | None, reply: _Reply) -> Response:
+            plan: ToolPlan | None, reply: _Reply, priority: int) -> Response:
     sequence = 0
 
     def event(kind: str, **fields: Any) -> str:
@@ -355,10 +358,11 @@ def _stream(rt: Runtime, body: ResponsesRequest, messages: list[Message], option
         await emit(event("response.content_part.added", item_id=reply.message_id, output_index=0, content_index=0,
                          part=reply.text_part("")))
         parts: list[str] = []
-        prompt_tokens = tokens = 0
+        prompt_tokens = tokens = cached = 0
         finish: str | None = None
         async for piece in pieces:
             prompt_tokens = piece.prompt_tokens or prompt_tokens
+            cached = piece.cached_tokens or cached
             tokens += piece.tokens
             finish = piece.finish_reason or finish
             if piece.text:
@@ -372,18 +376,18 @@ def _stream(rt: Runtime, body: ResponsesRequest, messages: list[Message], option
         await emit(event("response.content_part.done", item_id=reply.message_id, output_index=0, content_index=0,
                          part=reply.text_part(text)))
         await emit(event("response.output_item.done", output_index=0, item=reply.message(text, status)))
-        return Completion(text, prompt_tokens, tokens, finish)
+        return Completion(text, prompt_tokens, tokens, finish, cached_tokens=cached)
 
     async def produce(emit: Emit) -> None:
         await emit(event("response.created", response=reply.envelope("in_progress", [])))
         await emit(event("response.in_progress", response=reply.envelope("in_progress", [])))
         if plan is None:
-            async with aclosing(rt.generate_stream(body.model, messages, options,
-                                                   keep_alive=body.keep_alive)) as chunks:
+            async with aclosing(rt.generate_stream(body.model, messages, options, keep_alive=body.keep_alive,
+                                                   priority=priority)) as chunks:
                 done = await text_events(emit, chunks)
             output = [reply.message(done.text, _status(done.finish_reason))]
         else:  # a call is only known once its whole JSON is in: generate, then send it
-            done = await rt.generate(body.model, messages, options, keep_alive=body.keep_alive)
+            done = await rt.generate(body.model, messages, options, keep_alive=body.keep_alive, priority=priority)
             read = plan.read(done.text, done.finish_reason)
             output = reply.output(read, done.text, _status(done.finish_reason))
             if read.call is None:
@@ -412,7 +416,7 @@ def _stream(rt: Runtime, body: ResponsesRequest, messages: list[Message], option
 
 async def _one_piece(text: str, done: Completion) -> AsyncIterator[Chunk]:
     """A finished completion as one streamed piece."""
-    yield Chunk(text, done.completion_tokens, done.finish_reason, done.prompt_tokens)
+    yield Chunk(text, done.completion_tokens, done.finish_reason, done.prompt_tokens, done.cached_tokens)
 
 
 @router.get("/responses/{response_id}")

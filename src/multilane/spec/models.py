@@ -155,6 +155,8 @@ class ModelSpec(_Model):
     batch_wait: Duration = "2ms"  # embedding micro-batch: how long the first call waits for others
     engine: dict[str, Any] = Field(default_factory=dict)
     cache: bool = False  # reuse the completion of an identical deterministic call (temperature 0 or a seed)
+    reserved_slots: int = Field(default=0, ge=0)  # slots only calls of priority <= reserved_priority may take
+    reserved_priority: int = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -173,6 +175,9 @@ class ModelSpec(_Model):
     def _local_source(self) -> ModelSpec:
         if self.source is None and not self.is_remote:
             raise ValueError(f"a local model needs a source ({SOURCE_HINT})")
+        if self.reserved_slots >= self.parallel:
+            raise ValueError(f"reserved_slots ({self.reserved_slots}) must be below parallel ({self.parallel}), so "
+                             "that calls of every priority have a slot; lower reserved_slots or raise parallel")
         return self
 
     @property
@@ -222,6 +227,7 @@ class RuntimeSpec(_Model):
     max_loaded_models: int = Field(default=3, ge=1)
     memory_budget: MemoryBudget = "auto"
     max_queue: int = Field(default=512, ge=0)
+    max_overtakes: int = Field(default=32, ge=0)  # later calls a waiting call lets go first, at most
     journal: JournalSetting = None  # a SQLite file (relative to the pipeline file), "off", or None: the default
     durable: bool = False  # a run fails when its journal cannot be written, instead of going on without it
     tracing: TracingSpec | None = None  # None: the OTEL_* variables decide (or the host's tracer provider)
@@ -395,6 +401,7 @@ class GenerateStage(StageBase):
     truncate: bool = False
     seed: int | None = None  # fixes the sampling, so a call with temperature > 0 can be cached too
     cache: bool | None = None  # None: the model's `cache` setting decides
+    priority: int | None = None  # lower first in the lane's queue; None: the pipeline's priority
 
     def templates(self) -> dict[str, str]:
         """The stage's template fields (YAML key -> source) that are set."""
@@ -426,6 +433,7 @@ class AgentStage(StageBase):
     agent: str
     task: str
     cache: bool | None = None  # cache the agent's model calls; None: each model's `cache` setting decides
+    priority: int | None = None  # the priority of the agent's model calls; None: the pipeline's priority
 
     def templates(self) -> dict[str, str]:
         """The stage's template fields (YAML key -> source) that are set."""
@@ -451,6 +459,12 @@ class PipelineSpec(_Model):
     inputs: dict[str, InputSpec] = Field(default_factory=dict)
     stages: dict[str, Stage] = Field(min_length=1)
     output: str | None = None
+    priority: int = 0  # the priority of the pipeline's model calls (lower first); a stage may set its own
+
+    def priority_of(self, stage: str) -> int:
+        """The priority of a stage's model calls: its own, else the pipeline's."""
+        own: int | None = getattr(self.stages[stage], "priority", None)
+        return self.priority if own is None else own
 
     @model_validator(mode="before")
     @classmethod
