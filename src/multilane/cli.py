@@ -302,7 +302,7 @@ def format_plans(spec: Any, plans: dict[str, Any], usage: dict[str, Any]) -> str
 
 @app.command()
 def bench(suites: Annotated[list[str] | None, typer.Argument(
-              help="Suites to run: throughput, embedding, search, rag, swap (default: all).")] = None,
+              help="Suites to run: throughput, embedding, search, rag, swap, prefix, priority (default: all).")] = None,
           folder: Annotated[Path, typer.Option("--dir", help="The benchmarks folder.")] = Path("bench"),
           verbose: Verbose = 0) -> None:
     """Run the benchmarks under bench/ and write a table, JSON and a chart to bench/results/."""
