@@ -163,6 +163,27 @@ async def test_an_unusable_keyword_index_is_rebuilt_in_memory_and_the_build_is_l
 
 
 @pytest.mark.anyio
+async def test_other_bm25_parameters_rebuild_the_keyword_index_in_memory_and_keep_the_embeddings(
+        tmp_path: Path) -> None:
+    write(tmp_path)
+    built = await open_docs(tmp_path)
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    assert (manifest["keyword"]["k1"], manifest["keyword"]["b"]) == (0.9, 0.4)
+    before = sorted(p.name for p in built.path.rglob("*"))
+
+    reopened = await open_docs(tmp_path, bm25=(1.2, 0.75))
+    words = await reopened.keyword_index()
+
+    assert reopened.status == "reused" and reopened.keyword_status == "rebuilt in memory"
+    assert (words.k1, words.b) == (1.2, 0.75)
+    assert sorted(p.name for p in reopened.path.rglob("*")) == before
+    again = await open_docs(tmp_path)
+    assert (await again.keyword_index()).b == 0.4 and again.keyword_status == "loaded"
+    with pytest.raises(IndexBuildError, match="index 'docs': BM25's b must be from 0 to 1, got 2"):
+        await open_docs(tmp_path, bm25=(0.9, 2))
+
+
+@pytest.mark.anyio
 async def test_concurrent_keyword_searches_batch(tmp_path: Path) -> None:
     write(tmp_path)
     opened = await open_docs(tmp_path)

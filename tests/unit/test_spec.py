@@ -792,6 +792,16 @@ def test_an_index_of_a_corpus_needs_no_documents() -> None:
         "python-reference", None, (), True)
 
 
+def test_an_index_takes_bm25_parameters_with_passage_defaults(load: Loader) -> None:
+    assert parse_spec(RAG).index("docs").bm25.model_dump() == {"k1": 0.9, "b": 0.4}
+    index = parse_spec(edit("chunk_overlap: 40", "chunk_overlap: 40\n    bm25: {k1: 1.2, b: 0.75}")).index("docs")
+    assert (index.bm25.k1, index.bm25.b) == (1.2, 0.75)
+    error = spec_error(load, edit("chunk_overlap: 40", "chunk_overlap: 40\n    bm25: {b: 1.5}"))
+    assert str(error).startswith("rag.yaml:23 indexes.docs.bm25.b: ")
+    unknown = spec_error(load, edit("chunk_overlap: 40", "chunk_overlap: 40\n    bm25: {k: 1}"))
+    assert "indexes.docs.bm25.k" in str(unknown) and "k1, b" in str(unknown)
+
+
 def test_unknown_corpus_lists_the_known_ones(load: Loader) -> None:
     error = spec_error(load, edit('documents: "../examples/data/**/*.md"', "corpus: python-docs"))
     assert str(error) == ("rag.yaml:20 indexes.docs.corpus: unknown corpus 'python-docs' "

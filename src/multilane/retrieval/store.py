@@ -7,6 +7,7 @@ or several servers starting) make one build: the others wait, then reuse it. Rea
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -67,7 +68,8 @@ class OpenedIndex:
     def __init__(self, *, name: str, status: Status, fingerprint: str, documents: int,
                  path: Path, index: VectorIndex, embedder: EmbeddingEngine,
                  metadata: Mapping[str, Mapping[str, Any]] | None = None,
-                 keyword_index: KeywordIndex | None = None) -> None:
+                 keyword_index: KeywordIndex | None = None,
+                 bm25: tuple[float, float] = (keyword.DEFAULT_K1, keyword.DEFAULT_B)) -> None:
         self.name = name
         self.status: Status = status
         self.fingerprint = fingerprint
@@ -78,6 +80,8 @@ class OpenedIndex:
         self.metadata: Mapping[str, Mapping[str, Any]] = metadata or {}
         """Each document's front matter, by its path (a chunk's `source`)."""
         self._keyword = keyword_index
+        self.bm25 = bm25
+        """BM25's (k1, b) for the keyword index."""
         self.keyword_status: KeywordStatus = "built" if keyword_index is not None else "not loaded"
         self._keyword_lock = anyio.Lock()
         self._masks: dict[DocumentFilter, np.ndarray] = {}
@@ -175,7 +179,7 @@ class OpenedIndex:
         async with self._keyword_lock:
             if self._keyword is None:
                 loaded, status = await anyio.to_thread.run_sync(
-                    _load_keyword, self.name, self.path / KEYWORD_FOLDER, self.index.chunks)
+                    _load_keyword, self.name, self.path / KEYWORD_FOLDER, self.index.chunks, self.bm25)
                 self._keyword, self.keyword_status = loaded, status
         return self._keyword
 
@@ -245,17 +249,19 @@ def _cap(hits: list[Hit], per_source: int | None, top_k: int) -> list[Hit]:
     return kept
 
 
-def _load_keyword(name: str, folder: Path, chunks: Sequence[ChunkRecord]) -> tuple[KeywordIndex, KeywordStatus]:
-    """Load a build's keyword index; when it is missing or was made by other rules, rebuild it in memory only,
-    since a committed build folder is never written again."""
+def _load_keyword(name: str, folder: Path, chunks: Sequence[ChunkRecord],
+                  bm25: tuple[float, float]) -> tuple[KeywordIndex, KeywordStatus]:
+    """Load a build's keyword index; when it is missing or was made by other rules or BM25 parameters, rebuild it
+    in memory only, since a committed build folder is never written again."""
+    k1, b = bm25
     try:
-        index = KeywordIndex.load(folder, chunks)
+        index = KeywordIndex.load(folder, chunks, k1=k1, b=b)
         log.info("index.keyword_loaded", index=name, path=str(folder), chunks=index.ntotal)
         return index, "loaded"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("index.keyword_rebuilt_in_memory", index=name, path=str(folder),
                     reason=f"{type(exc).__name__}: {exc}")
-        return KeywordIndex.build(chunks), "rebuilt in memory"
+        return KeywordIndex.build(chunks, k1=k1, b=b), "rebuilt in memory"
 
 
 def fingerprint(embedder: EmbeddingEngine, chunk_tokens: int, chunk_overlap: int,
@@ -288,13 +294,19 @@ async def open_index(
     rebuild: bool = False,
     progress: Progress | None = None,
     headings: bool = False,
+    bm25: tuple[float, float] = (keyword.DEFAULT_K1, keyword.DEFAULT_B),
 ) -> OpenedIndex:
     """Load index `name` from root when its documents and settings are unchanged, else build it.
 
-    With `headings`, each chunk is embedded and keyword-indexed under its markdown heading path.
+    With `headings`, each chunk is embedded and keyword-indexed under its markdown heading path. `bm25` is the
+    keyword index's (k1, b); a build whose keyword index has others keeps its embeddings (see `_load_keyword`).
     """
     _check_name(name)
     check_chunk_params(chunk_tokens, chunk_overlap)
+    try:
+        keyword.check_parameters(*bm25)
+    except ValueError as exc:
+        raise IndexBuildError(f"index '{name}': {exc}") from exc
     if chunk_tokens > embedder.max_tokens:
         raise IndexBuildError(
             f"index '{name}': chunk_tokens {chunk_tokens} exceeds embedder {embedder.identity} "
@@ -314,7 +326,8 @@ async def open_index(
             log.info("index.reused", index=name, path=str(index_dir / current),
                      documents=len(documents), chunks=loaded.ntotal, device=loaded.device)
             return OpenedIndex(name=name, status="reused", fingerprint=fp, documents=len(documents),
-                               path=index_dir / current, index=loaded, embedder=embedder, metadata=metadata)
+                               path=index_dir / current, index=loaded, embedder=embedder, metadata=metadata,
+                               bm25=bm25)
     async with build_lock(index_dir, name):
         latest = await anyio.to_thread.run_sync(_read_current, index_dir)
         if latest is not None and latest != current:  # another process built it while we waited
@@ -323,13 +336,15 @@ async def open_index(
                 log.info("index.reused", index=name, path=str(index_dir / latest), documents=len(documents),
                          chunks=loaded.ntotal, device=loaded.device, built_by="another process")
                 return OpenedIndex(name=name, status="reused", fingerprint=fp, documents=len(documents),
-                                   path=index_dir / latest, index=loaded, embedder=embedder, metadata=metadata)
+                                   path=index_dir / latest, index=loaded, embedder=embedder, metadata=metadata,
+                                   bm25=bm25)
         status: Status = "rebuilt" if latest is not None else "built"
         folder, index, words = await _build(
-            name, index_dir, fp, documents, embedder, chunk_tokens, chunk_overlap, progress, headings
+            name, index_dir, fp, documents, embedder, chunk_tokens, chunk_overlap, progress, headings, bm25
         )
     return OpenedIndex(name=name, status=status, fingerprint=fp, documents=len(documents),
-                       path=folder, index=index, embedder=embedder, metadata=metadata, keyword_index=words)
+                       path=folder, index=index, embedder=embedder, metadata=metadata, keyword_index=words,
+                       bm25=bm25)
 
 
 @contextlib.asynccontextmanager
@@ -358,7 +373,7 @@ async def build_lock(index_dir: Path, name: str) -> AsyncIterator[None]:
 
 async def _build(
     name: str, index_dir: Path, fp: str, documents: list[Document], embedder: EmbeddingEngine,
-    chunk_tokens: int, chunk_overlap: int, progress: Progress | None, headings: bool,
+    chunk_tokens: int, chunk_overlap: int, progress: Progress | None, headings: bool, bm25: tuple[float, float],
 ) -> tuple[Path, VectorIndex, KeywordIndex]:
     """Chunk, embed and index documents (FAISS and keyword) into a new build folder, then make it CURRENT."""
     started = time.perf_counter()
@@ -376,8 +391,8 @@ async def _build(
         folder.mkdir()
         vectors = await _embed_all(name, chunks, embedder, progress)
         index = await anyio.to_thread.run_sync(VectorIndex.build, vectors, chunks)
-        words = await anyio.to_thread.run_sync(KeywordIndex.build, chunks)
-        manifest = _manifest(name, fp, embedder, chunk_tokens, chunk_overlap, documents, chunks, headings)
+        words = await anyio.to_thread.run_sync(functools.partial(KeywordIndex.build, chunks, k1=bm25[0], b=bm25[1]))
+        manifest = _manifest(name, fp, embedder, chunk_tokens, chunk_overlap, documents, chunks, headings, words)
         await anyio.to_thread.run_sync(
             _write_and_commit, index_dir, folder, index, words, chunks, manifest, committed
         )
@@ -430,7 +445,8 @@ async def _embed_all(name: str, chunks: Sequence[ChunkRecord], embedder: Embeddi
 
 
 def _manifest(name: str, fp: str, embedder: EmbeddingEngine, chunk_tokens: int, chunk_overlap: int,
-              documents: Sequence[Document], chunks: Sequence[ChunkRecord], headings: bool) -> dict[str, Any]:
+              documents: Sequence[Document], chunks: Sequence[ChunkRecord], headings: bool,
+              words: KeywordIndex) -> dict[str, Any]:
     per_doc: dict[str, int] = {}
     for chunk in chunks:
         per_doc[chunk.source] = per_doc.get(chunk.source, 0) + 1
@@ -443,7 +459,8 @@ def _manifest(name: str, fp: str, embedder: EmbeddingEngine, chunk_tokens: int, 
         "chunk_tokens": chunk_tokens,
         "chunk_overlap": chunk_overlap,
         "headings": headings,
-        "keyword": {"folder": KEYWORD_FOLDER, "format": keyword.FORMAT_VERSION, "tokenizer": keyword.TOKENIZER},
+        "keyword": {"folder": KEYWORD_FOLDER, "format": keyword.FORMAT_VERSION, "tokenizer": keyword.TOKENIZER,
+                    "k1": words.k1, "b": words.b},
         "documents": [
             {"path": d.path, "sha256": d.sha256, "chunks": per_doc.get(d.path, 0)}
             for d in documents

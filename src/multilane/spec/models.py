@@ -29,6 +29,7 @@ __all__ = [
     "STAGE_KINDS",
     "AgentStage",
     "AgentsSpec",
+    "BM25Spec",
     "EmbedStage",
     "GenerateStage",
     "HybridWeights",
@@ -217,6 +218,13 @@ class RuntimeSpec(_Model):
         return parse_size(self.memory_budget)
 
 
+class BM25Spec(_Model):
+    """The keyword index's BM25 parameters (the defaults are Anserini's, made for passages such as chunks)."""
+
+    k1: float = Field(default=0.9, ge=0.0, allow_inf_nan=False)  # term-frequency saturation
+    b: float = Field(default=0.4, ge=0.0, le=1.0)  # length normalisation: 0 none, 1 full
+
+
 class IndexSpec(_Model):
     """A document index: the embedding model that builds it and the documents it chunks.
 
@@ -229,6 +237,7 @@ class IndexSpec(_Model):
     chunk_tokens: int = Field(default=200, ge=16)
     chunk_overlap: int = Field(default=40, ge=0)
     chunk_headings: bool = False
+    bm25: BM25Spec = Field(default_factory=BM25Spec)
 
     @model_validator(mode="after")
     def _one_source(self) -> IndexSpec:
