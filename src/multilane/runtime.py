@@ -368,6 +368,7 @@ class Runtime:
                         chunk_overlap=declared.chunk_overlap, root=self._index_root / self._index_folder(name),
                         rebuild=rebuild, headings=declared.chunk_headings,
                         bm25=(declared.bm25.k1, declared.bm25.b),
+                        window_tokens=declared.window_tokens,
                         progress=(lambda done, total: progress(name, done, total)) if progress else None)
                 self._indexes[name] = opened
                 log.info("index ready", index=name, status=opened.status, chunks=opened.chunks,
