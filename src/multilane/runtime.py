@@ -408,7 +408,9 @@ class Runtime:
                             name, patterns=patterns, base_dir=base_dir,
                             embedder=embedder, chunk_tokens=declared.chunk_tokens,
                             chunk_overlap=declared.chunk_overlap, root=self._index_root / self._index_folder(name),
-                            rebuild=rebuild, headings=declared.chunk_headings, progress=embedded.report)
+                            rebuild=rebuild, headings=declared.chunk_headings,
+                            bm25=(declared.bm25.k1, declared.bm25.b), window_tokens=declared.window_tokens,
+                            progress=embedded.report)
                     traced.opened(opened)
                 self._indexes[name] = opened
                 log.info("index ready", index=name, status=opened.status, chunks=opened.chunks,

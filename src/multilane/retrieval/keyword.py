@@ -6,12 +6,17 @@ with the Snowball English stemmer, and a word with underscores also counts as it
 `__slots__` matches both "__slots__" and "slots". No stopwords are dropped: Python's keywords (`if`,
 `in`, `is`, `not`) are English stopwords, and BM25's inverse document frequency already discounts
 common words.
+
+BM25's defaults are k1 = 0.9 and b = 0.4 (Anserini's, tuned for passages), not the 1.2-1.5 and 0.75 meant
+for whole documents: chunks are passages of nearly one length, and a chunk is short mostly because it is a
+document's last one, which b = 0.75 rewards.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -35,6 +40,8 @@ TOKENIZER = "multilane-code-en-v1"  # names the tokenization rules; change it wh
 META_FILE = "keyword.json"
 _MAX_OPERATOR = 3  # the longest operators are three characters: **=, //=, >>=, <<=, ...
 _STEM_CACHE = 100_000
+DEFAULT_K1 = 0.9  # term-frequency saturation
+DEFAULT_B = 0.4  # length normalisation: 0 none, 1 full
 
 _TOKEN = re.compile(r"![a-z]\b|\w+|[-+*/%@&|^~<>=!:.]{2,}|[-+*/%@&|^~<>=]")
 
@@ -74,28 +81,32 @@ class KeywordIndex:
     """BM25 over chunk texts; document i of the index is chunks[i]."""
 
     def __init__(self, retriever: Any | None, chunks: Sequence[ChunkRecord], *,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, k1: float = DEFAULT_K1, b: float = DEFAULT_B) -> None:
         self.chunks: tuple[ChunkRecord, ...] = tuple(chunks)
         documents = 0 if retriever is None else int(retriever.scores["num_docs"])
         if documents != len(self.chunks):
             raise ValueError(f"keyword index holds {documents} documents but {len(self.chunks)} chunks were given")
         self._retriever = retriever
         self._tokenizer = tokenizer or Tokenizer()
+        self._k1, self._b = (k1, b) if retriever is None else (float(retriever.k1), float(retriever.b))
 
     @classmethod
-    def build(cls, chunks: Sequence[ChunkRecord], *, k1: float = 1.5, b: float = 0.75) -> KeywordIndex:
+    def build(cls, chunks: Sequence[ChunkRecord], *, k1: float = DEFAULT_K1, b: float = DEFAULT_B) -> KeywordIndex:
         """Tokenize and index the chunks' texts (with their heading paths, when they have them); blocks."""
+        check_parameters(k1, b)
         bm25s = _bm25s()
         tokenizer = Tokenizer()
         if not chunks:
-            return cls(None, chunks, tokenizer=tokenizer)
+            return cls(None, chunks, tokenizer=tokenizer, k1=k1, b=b)
         retriever = bm25s.BM25(k1=k1, b=b)
         retriever.index([tokenizer.tokenize(chunk.indexed_text) for chunk in chunks], show_progress=False)
         return cls(retriever, chunks, tokenizer=tokenizer)
 
     @classmethod
-    def load(cls, folder: Path, chunks: Sequence[ChunkRecord]) -> KeywordIndex:
-        """Read an index written by `save`; raises ValueError when it was made by other rules or for other chunks."""
+    def load(cls, folder: Path, chunks: Sequence[ChunkRecord], *, k1: float | None = None,
+             b: float | None = None) -> KeywordIndex:
+        """Read an index written by `save`; raises ValueError when it was made by other rules, for other chunks,
+        or with another k1 or b than those given (its scores are computed when it is built)."""
         meta = json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT_VERSION or meta.get("tokenizer") != TOKENIZER:
             raise ValueError(f"keyword index in {folder} has format {meta.get('format')} and tokenizer "
@@ -103,8 +114,11 @@ class KeywordIndex:
         if meta.get("documents") != len(chunks):
             raise ValueError(f"keyword index in {folder} holds {meta.get('documents')} documents, "
                              f"not the {len(chunks)} chunks given")
+        if (k1 is not None and meta.get("k1") != k1) or (b is not None and meta.get("b") != b):
+            raise ValueError(f"keyword index in {folder} was built with k1 {meta.get('k1')} and b {meta.get('b')}, "
+                             f"not the k1 {k1} and b {b} asked for")
         if not chunks:
-            return cls(None, chunks)
+            return cls(None, chunks, k1=float(meta.get("k1", DEFAULT_K1)), b=float(meta.get("b", DEFAULT_B)))
         retriever = _bm25s().BM25.load(str(folder), load_corpus=False, show_progress=False)
         return cls(retriever, chunks)
 
@@ -137,12 +151,12 @@ class KeywordIndex:
     @property
     def k1(self) -> float:
         """BM25's term-frequency saturation."""
-        return 1.5 if self._retriever is None else float(self._retriever.k1)
+        return self._k1
 
     @property
     def b(self) -> float:
         """BM25's document-length normalisation."""
-        return 0.75 if self._retriever is None else float(self._retriever.b)
+        return self._b
 
     def search(self, queries: Sequence[str], top_k: int) -> list[list[Hit]]:
         """Return each query's top_k chunks by BM25 score, best first; blocks.
@@ -175,6 +189,14 @@ class KeywordIndex:
             matched = matched[scores[matched] >= cutoff]
         order = matched[np.lexsort((matched, -scores[matched]))][:top_k]
         return [Hit(self.chunks[int(row)], float(scores[row])) for row in order]
+
+
+def check_parameters(k1: float, b: float) -> None:
+    """Raise ValueError unless k1 is finite and not negative and b is from 0 to 1."""
+    if not math.isfinite(k1) or k1 < 0:
+        raise ValueError(f"BM25's k1 must be finite and not negative, got {k1}")
+    if not 0 <= b <= 1:
+        raise ValueError(f"BM25's b must be from 0 to 1, got {b}")
 
 
 def _bm25s() -> Any:

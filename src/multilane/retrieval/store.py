@@ -7,6 +7,7 @@ or several servers starting) make one build: the others wait, then reuse it. Rea
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from multilane.retrieval.ingest import (
     check_chunk_params,
     chunk_document,
     collect_documents,
+    window_parents,
 )
 from multilane.retrieval.keyword import KeywordIndex
 
@@ -49,7 +51,10 @@ LOCK_FILE = ".build.lock"
 LOCK_POLL_SECONDS = 0.1  # how often a process waiting for another's build tries the lock
 
 KEYWORD_FOLDER = "keyword"
-DEFAULT_CANDIDATES = 50  # how deep each ranking goes before hybrid fusion
+WINDOWS_INDEX = "windows.faiss"
+WINDOWS_PARENTS = "windows.npy"
+DEFAULT_CANDIDATES = 50  # how deep each ranking goes before fusion
+DEFAULT_WEIGHTS = (1.0, 1.0, 1.0)  # dense, keyword, windows
 
 Status = Literal["built", "rebuilt", "reused"]
 KeywordStatus = Literal["not loaded", "built", "loaded", "rebuilt in memory"]
@@ -61,13 +66,17 @@ Progress = Callable[[int, int], None]
 class OpenedIndex:
     """A loaded index with the embedder that built it; search it with text or with vectors.
 
-    Its keyword (BM25) index over the same chunks is loaded on the first keyword or hybrid search.
+    Its keyword (BM25) index over the same chunks is loaded on the first keyword or hybrid search. `windows`, when
+    the index has them, holds the embeddings of small windows of the documents, row i standing for the chunk that
+    holds window i.
     """
 
     def __init__(self, *, name: str, status: Status, fingerprint: str, documents: int,
                  path: Path, index: VectorIndex, embedder: EmbeddingEngine,
                  metadata: Mapping[str, Mapping[str, Any]] | None = None,
-                 keyword_index: KeywordIndex | None = None) -> None:
+                 keyword_index: KeywordIndex | None = None,
+                 bm25: tuple[float, float] = (keyword.DEFAULT_K1, keyword.DEFAULT_B),
+                 windows: VectorIndex | None = None) -> None:
         self.name = name
         self.status: Status = status
         self.fingerprint = fingerprint
@@ -78,6 +87,8 @@ class OpenedIndex:
         self.metadata: Mapping[str, Mapping[str, Any]] = metadata or {}
         """Each document's front matter, by its path (a chunk's `source`)."""
         self._keyword = keyword_index
+        self.bm25 = bm25
+        """BM25's (k1, b) for the keyword index."""
         self.keyword_status: KeywordStatus = "built" if keyword_index is not None else "not loaded"
         self._keyword_lock = anyio.Lock()
         self._masks: dict[DocumentFilter, np.ndarray] = {}
@@ -88,6 +99,9 @@ class OpenedIndex:
         self.keyword_batcher: MicroBatcher[tuple[str, int], list[Hit]] = MicroBatcher(
             self._keyword_batch, max_batch_size=256, max_wait=0.002, name=f"keyword:{name}",
             validate=_check_query)
+        self.windows = windows
+        self.window_batcher: MicroBatcher[tuple[np.ndarray, int], list[Hit]] = MicroBatcher(
+            self._window_batch, max_batch_size=256, max_wait=0.002, name=f"windows:{name}", validate=_check_query)
 
     @property
     def chunks(self) -> int:
@@ -100,19 +114,22 @@ class OpenedIndex:
         return self.index.device
 
     async def search(self, queries: Sequence[str], top_k: int, *, mode: SearchMode = "dense",
-                     weights: tuple[float, float] = (1.0, 1.0), where: DocumentFilter | None = None,
+                     weights: Sequence[float] = DEFAULT_WEIGHTS, where: DocumentFilter | None = None,
                      per_source: int | None = None, candidates: int = DEFAULT_CANDIDATES) -> list[list[Hit]]:
         """Return each query's top_k hits, best first.
 
         `mode`: "dense" ranks by cosine similarity of embeddings (the score), "keyword" by BM25 (the score),
-        "hybrid" fuses the two rankings, each `candidates` deep, by weighted reciprocal rank (`weights` are
-        dense's and keyword's; the score is the fused one). `where` keeps only the documents it matches and
-        `per_source` caps the hits from one document; both apply before the cut to top_k.
+        "hybrid" fuses the two rankings, each `candidates` deep, by weighted reciprocal rank (the score is the
+        fused one). On an index with windows, dense and hybrid searches also rank chunks by their best-matching
+        window and fuse that ranking too. `weights` are dense's, keyword's and the windows' (a missing third is
+        1). `where` keeps only the documents it matches and `per_source` caps the hits from one document; both
+        apply before the cut to top_k.
         """
         if isinstance(queries, str):
             raise TypeError("search takes a sequence of query strings, not one string")
         if mode not in SEARCH_MODES:
             raise InputError(f"unknown search mode {mode!r} (modes: {', '.join(SEARCH_MODES)})")
+        weights = _check_weights(weights)
         if top_k < 1:
             raise InputError(f"top_k must be at least 1, got {top_k}")
         if per_source is not None and per_source < 1:
@@ -122,36 +139,54 @@ class OpenedIndex:
         if not queries:
             return []
         allowed = None if where is None else self._allowed(where)
-        if allowed is None and per_source is None and mode != "hybrid":  # the plain case: exactly top_k deep
-            if mode == "dense":
+        available = self._rankings_for(mode)
+        if len(available) > 1 and not any(weights[RANKINGS.index(name)] > 0 for name in available):
+            raise InputError(f"the weights of the rankings fused ({', '.join(available)}) are all 0; "
+                             "give at least one a weight above 0")
+        # A windows ranking weighted 0 is not searched, so the search is exactly the one without windows.
+        rankings = [name for name in available if name != "windows" or weights[2] > 0]
+        if len(rankings) == 1 and allowed is None and per_source is None:  # the plain case: exactly top_k deep
+            if rankings == ["dense"]:
                 vectors = await self.embedder.embed(list(queries))
                 return await self.batcher.submit_many([(vector, top_k) for vector in vectors])
-            await self.keyword_index()
-            return await self.keyword_batcher.submit_many([(query, top_k) for query in queries])
-        return await self._search_refined(list(queries), top_k, mode, weights, allowed, per_source,
-                                          max(top_k, candidates) if mode == "hybrid" else top_k)
+            if rankings == ["keyword"]:
+                await self.keyword_index()
+                return await self.keyword_batcher.submit_many([(query, top_k) for query in queries])
+        return await self._search_refined(list(queries), top_k, rankings, weights, allowed, per_source,
+                                          max(top_k, candidates) if len(rankings) > 1 else top_k)
 
-    async def _search_refined(self, queries: list[str], top_k: int, mode: SearchMode, weights: tuple[float, float],
-                              allowed: np.ndarray | None, per_source: int | None, depth: int) -> list[list[Hit]]:
+    def _rankings_for(self, mode: SearchMode) -> list[str]:
+        """The rankings a search in this mode fuses: dense, keyword and windows, as the mode and index have them."""
+        if mode == "keyword":
+            return ["keyword"]
+        names = ["dense", "keyword"] if mode == "hybrid" else ["dense"]
+        if self.windows is not None:
+            names.append("windows")
+        return names
+
+    async def _search_refined(self, queries: list[str], top_k: int, names: list[str],
+                              weights: tuple[float, float, float], allowed: np.ndarray | None,
+                              per_source: int | None, depth: int) -> list[list[Hit]]:
         """Search ever deeper until filtering and the per-document cap leave top_k hits, or nothing is left."""
-        vectors = await self.embedder.embed(queries) if mode != "keyword" else None
-        if mode != "dense":
+        vectors = await self.embedder.embed(queries) if names != ["keyword"] else None
+        if "keyword" in names:
             await self.keyword_index()
+        ranking_weights = [weights[RANKINGS.index(name)] for name in names]
         total = self.chunks
         while True:
-            dense, sparse = await self._rankings(queries, vectors, mode, depth)
+            found = await self._rankings(queries, vectors, names, depth)
             results = []
             for i in range(len(queries)):
-                rankings = [_keep(found[i], allowed) for found in (dense, sparse) if found is not None]
-                ranked = _fused(rankings, weights) if mode == "hybrid" else rankings[0]
+                rankings = [_keep(found[name][i], allowed) for name in names]
+                ranked = _fused(rankings, ranking_weights) if len(rankings) > 1 else rankings[0]
                 results.append(_cap(ranked, per_source, top_k))
-            if depth >= total or all(len(found) >= top_k for found in results):
+            if depth >= total or all(len(hits) >= top_k for hits in results):
                 return results
             depth = min(total, depth * 4)
 
-    async def _rankings(self, queries: list[str], vectors: np.ndarray | None, mode: SearchMode,
-                        depth: int) -> tuple[list[list[Hit]] | None, list[list[Hit]] | None]:
-        """The dense and keyword rankings a mode needs, `depth` deep, searched at the same time."""
+    async def _rankings(self, queries: list[str], vectors: np.ndarray | None, names: list[str],
+                        depth: int) -> dict[str, list[list[Hit]]]:
+        """The named rankings (dense, keyword, windows) of each query, `depth` deep, searched at the same time."""
         found: dict[str, list[list[Hit]]] = {}
 
         async def dense() -> None:
@@ -161,12 +196,15 @@ class OpenedIndex:
         async def sparse() -> None:
             found["keyword"] = await self.keyword_batcher.submit_many([(query, depth) for query in queries])
 
+        async def windows() -> None:
+            assert vectors is not None
+            found["windows"] = await self.window_batcher.submit_many([(vector, depth) for vector in vectors])
+
+        searches = {"dense": dense, "keyword": sparse, "windows": windows}
         async with anyio.create_task_group() as tg:
-            if mode != "keyword":
-                tg.start_soon(dense)
-            if mode != "dense":
-                tg.start_soon(sparse)
-        return found.get("dense"), found.get("keyword")
+            for name in names:
+                tg.start_soon(searches[name])
+        return found
 
     async def keyword_index(self) -> KeywordIndex:
         """The keyword index: loaded from the build folder once, or rebuilt in memory when that copy is unusable."""
@@ -175,7 +213,7 @@ class OpenedIndex:
         async with self._keyword_lock:
             if self._keyword is None:
                 loaded, status = await anyio.to_thread.run_sync(
-                    _load_keyword, self.name, self.path / KEYWORD_FOLDER, self.index.chunks)
+                    _load_keyword, self.name, self.path / KEYWORD_FOLDER, self.index.chunks, self.bm25)
                 self._keyword, self.keyword_status = loaded, status
         return self._keyword
 
@@ -199,6 +237,21 @@ class OpenedIndex:
             self._masks[where] = mask
         return mask
 
+    async def _window_batch(self, items: list[tuple[np.ndarray, int]]) -> list[list[Hit]]:
+        """One FAISS search of the windows for a batch of (vector, top_k) queries: each query's top_k chunks ranked
+        by their best window (whose cosine is the score), searching deeper while windows of one chunk crowd out."""
+        assert self.windows is not None
+        total = self.windows.ntotal
+        per_chunk = -(-total // max(self.chunks, 1))
+        depth = min(total, max(top_k for _, top_k in items) * (per_chunk + 1))
+        vectors = np.stack([vector for vector, _ in items])
+        while True:
+            hits = await self.windows.asearch(vectors, depth)
+            results = [_distinct(found, top_k) for found, (_, top_k) in zip(hits, items, strict=True)]
+            if depth >= total or all(len(found) >= top_k for found, (_, top_k) in zip(results, items, strict=True)):
+                return results
+            depth = min(total, depth * 4)
+
     async def _search_batch(self, items: list[tuple[np.ndarray, int]]) -> list[list[Hit]]:
         """One FAISS search for a batch of (vector, top_k) queries, each cut to its own top_k."""
         deepest = max(top_k for _, top_k in items)
@@ -219,12 +272,39 @@ def _check_query(item: tuple[Any, int]) -> None:
         raise InputError(f"top_k must be at least 1, got {item[1]}")
 
 
+RANKINGS = ("dense", "keyword", "windows")  # the order of a search's weights
+
+
+def _check_weights(weights: Sequence[float]) -> tuple[float, float, float]:
+    values = [float(w) for w in weights]
+    if len(values) == 2:
+        values.append(DEFAULT_WEIGHTS[2])
+    if len(values) != 3:
+        raise InputError(f"weights are (dense, keyword[, windows]), got {len(values)} values")
+    if any(not np.isfinite(w) or w < 0 for w in values):
+        raise InputError(f"weights must be finite and not negative, got {values}")
+    return values[0], values[1], values[2]
+
+
+def _distinct(hits: list[Hit], top_k: int) -> list[Hit]:
+    """The first top_k hits of distinct chunks (a chunk's first hit is its best)."""
+    seen: set[int] = set()
+    kept: list[Hit] = []
+    for hit in hits:
+        if hit.chunk.id not in seen:
+            seen.add(hit.chunk.id)
+            kept.append(hit)
+            if len(kept) == top_k:
+                break
+    return kept
+
+
 def _keep(hits: list[Hit], allowed: np.ndarray | None) -> list[Hit]:
     return hits if allowed is None else [hit for hit in hits if allowed[hit.chunk.id]]
 
 
-def _fused(rankings: Sequence[list[Hit]], weights: tuple[float, float]) -> list[Hit]:
-    """Dense and keyword hits fused by weighted reciprocal rank; the score is the fused score."""
+def _fused(rankings: Sequence[list[Hit]], weights: Sequence[float]) -> list[Hit]:
+    """Rankings of hits (dense, keyword, windows) fused by weighted reciprocal rank; the score is the fused score."""
     chunks = {hit.chunk.id: hit.chunk for ranking in rankings for hit in ranking}
     fused = fuse([[hit.chunk.id for hit in ranking] for ranking in rankings], weights)
     return [Hit(chunks[item.key], item.score) for item in fused]
@@ -245,22 +325,24 @@ def _cap(hits: list[Hit], per_source: int | None, top_k: int) -> list[Hit]:
     return kept
 
 
-def _load_keyword(name: str, folder: Path, chunks: Sequence[ChunkRecord]) -> tuple[KeywordIndex, KeywordStatus]:
-    """Load a build's keyword index; when it is missing or was made by other rules, rebuild it in memory only,
-    since a committed build folder is never written again."""
+def _load_keyword(name: str, folder: Path, chunks: Sequence[ChunkRecord],
+                  bm25: tuple[float, float]) -> tuple[KeywordIndex, KeywordStatus]:
+    """Load a build's keyword index; when it is missing or was made by other rules or BM25 parameters, rebuild it
+    in memory only, since a committed build folder is never written again."""
+    k1, b = bm25
     try:
-        index = KeywordIndex.load(folder, chunks)
+        index = KeywordIndex.load(folder, chunks, k1=k1, b=b)
         log.info("index.keyword_loaded", index=name, path=str(folder), chunks=index.ntotal)
         return index, "loaded"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("index.keyword_rebuilt_in_memory", index=name, path=str(folder),
                     reason=f"{type(exc).__name__}: {exc}")
-        return KeywordIndex.build(chunks), "rebuilt in memory"
+        return KeywordIndex.build(chunks, k1=k1, b=b), "rebuilt in memory"
 
 
 def fingerprint(embedder: EmbeddingEngine, chunk_tokens: int, chunk_overlap: int,
-                documents: Sequence[Document], *, headings: bool = False) -> str:
-    """Hash everything the embeddings depend on: embedder, chunking, format and document contents.
+                documents: Sequence[Document], *, headings: bool = False, window_tokens: int | None = None) -> str:
+    """Hash everything the embeddings depend on: embedder, chunking, windows, format and document contents.
 
     The keyword index's rules are not in it: a build whose keyword index is outdated keeps its embeddings.
     """
@@ -273,6 +355,8 @@ def fingerprint(embedder: EmbeddingEngine, chunk_tokens: int, chunk_overlap: int
         "headings": headings,
         "documents": sorted((doc.path, doc.sha256) for doc in documents),
     }
+    if window_tokens is not None:  # absent without windows, so builds made before windows existed are reused
+        payload["windows"] = [window_tokens, window_overlap(window_tokens)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -288,13 +372,25 @@ async def open_index(
     rebuild: bool = False,
     progress: Progress | None = None,
     headings: bool = False,
+    bm25: tuple[float, float] = (keyword.DEFAULT_K1, keyword.DEFAULT_B),
+    window_tokens: int | None = None,
 ) -> OpenedIndex:
     """Load index `name` from root when its documents and settings are unchanged, else build it.
 
-    With `headings`, each chunk is embedded and keyword-indexed under its markdown heading path.
+    With `headings`, each chunk is embedded and keyword-indexed under its markdown heading path. `bm25` is the
+    keyword index's (k1, b); a build whose keyword index has others keeps its embeddings (see `_load_keyword`).
+    With `window_tokens`, the documents are also embedded as windows of that many tokens (overlapping by a
+    quarter), each standing for the chunk it overlaps most, for dense and hybrid searches to rank chunks by.
     """
     _check_name(name)
     check_chunk_params(chunk_tokens, chunk_overlap)
+    if window_tokens is not None and not 1 <= window_tokens < chunk_tokens:
+        raise IndexBuildError(f"index '{name}': window_tokens must be from 1 to chunk_tokens - 1 "
+                              f"({chunk_tokens - 1}), got {window_tokens}")
+    try:
+        keyword.check_parameters(*bm25)
+    except ValueError as exc:
+        raise IndexBuildError(f"index '{name}': {exc}") from exc
     if chunk_tokens > embedder.max_tokens:
         raise IndexBuildError(
             f"index '{name}': chunk_tokens {chunk_tokens} exceeds embedder {embedder.identity} "
@@ -302,7 +398,7 @@ async def open_index(
         )
     pattern_list = [patterns] if isinstance(patterns, str) else list(patterns)
     documents = await anyio.to_thread.run_sync(collect_documents, pattern_list, Path(base_dir))
-    fp = fingerprint(embedder, chunk_tokens, chunk_overlap, documents, headings=headings)
+    fp = fingerprint(embedder, chunk_tokens, chunk_overlap, documents, headings=headings, window_tokens=window_tokens)
     metadata = {doc.path: doc.meta for doc in documents}
     index_dir = Path(root) / name
     current = await anyio.to_thread.run_sync(_read_current, index_dir)
@@ -312,24 +408,27 @@ async def open_index(
         )
         if loaded is not None:
             log.info("index.reused", index=name, path=str(index_dir / current),
-                     documents=len(documents), chunks=loaded.ntotal, device=loaded.device)
+                     documents=len(documents), chunks=loaded[0].ntotal, device=loaded[0].device)
             return OpenedIndex(name=name, status="reused", fingerprint=fp, documents=len(documents),
-                               path=index_dir / current, index=loaded, embedder=embedder, metadata=metadata)
+                               path=index_dir / current, index=loaded[0], embedder=embedder, metadata=metadata,
+                               bm25=bm25, windows=loaded[1])
     async with build_lock(index_dir, name):
         latest = await anyio.to_thread.run_sync(_read_current, index_dir)
         if latest is not None and latest != current:  # another process built it while we waited
             loaded = await anyio.to_thread.run_sync(_try_load, index_dir, latest, fp, embedder.dimension)
             if loaded is not None:
                 log.info("index.reused", index=name, path=str(index_dir / latest), documents=len(documents),
-                         chunks=loaded.ntotal, device=loaded.device, built_by="another process")
+                         chunks=loaded[0].ntotal, device=loaded[0].device, built_by="another process")
                 return OpenedIndex(name=name, status="reused", fingerprint=fp, documents=len(documents),
-                                   path=index_dir / latest, index=loaded, embedder=embedder, metadata=metadata)
+                                   path=index_dir / latest, index=loaded[0], embedder=embedder, metadata=metadata,
+                                   bm25=bm25, windows=loaded[1])
         status: Status = "rebuilt" if latest is not None else "built"
-        folder, index, words = await _build(
-            name, index_dir, fp, documents, embedder, chunk_tokens, chunk_overlap, progress, headings
-        )
+        folder, index, words, windows = await _build(
+            name, index_dir, fp, documents, embedder, chunk_tokens, chunk_overlap, progress, headings, bm25,
+            window_tokens)
     return OpenedIndex(name=name, status=status, fingerprint=fp, documents=len(documents),
-                       path=folder, index=index, embedder=embedder, metadata=metadata, keyword_index=words)
+                       path=folder, index=index, embedder=embedder, metadata=metadata, keyword_index=words,
+                       bm25=bm25, windows=windows)
 
 
 @contextlib.asynccontextmanager
@@ -358,12 +457,14 @@ async def build_lock(index_dir: Path, name: str) -> AsyncIterator[None]:
 
 async def _build(
     name: str, index_dir: Path, fp: str, documents: list[Document], embedder: EmbeddingEngine,
-    chunk_tokens: int, chunk_overlap: int, progress: Progress | None, headings: bool,
-) -> tuple[Path, VectorIndex, KeywordIndex]:
-    """Chunk, embed and index documents (FAISS and keyword) into a new build folder, then make it CURRENT."""
+    chunk_tokens: int, chunk_overlap: int, progress: Progress | None, headings: bool, bm25: tuple[float, float],
+    window_tokens: int | None,
+) -> tuple[Path, VectorIndex, KeywordIndex, VectorIndex | None]:
+    """Chunk, embed and index documents (FAISS, keyword, and windows if asked) into a new build folder, then make
+    it CURRENT."""
     started = time.perf_counter()
-    chunks = await anyio.to_thread.run_sync(
-        _chunk_all, documents, embedder, chunk_tokens, chunk_overlap, headings
+    chunks, windows, parents = await anyio.to_thread.run_sync(
+        _chunk_all, documents, embedder, chunk_tokens, chunk_overlap, headings, window_tokens
     )
     if not chunks:
         raise IndexBuildError(
@@ -374,35 +475,56 @@ async def _build(
     committed: list[bool] = []
     try:
         folder.mkdir()
-        vectors = await _embed_all(name, chunks, embedder, progress)
-        index = await anyio.to_thread.run_sync(VectorIndex.build, vectors, chunks)
-        words = await anyio.to_thread.run_sync(KeywordIndex.build, chunks)
-        manifest = _manifest(name, fp, embedder, chunk_tokens, chunk_overlap, documents, chunks, headings)
+        vectors = await _embed_all(name, [*chunks, *windows], embedder, progress)
+        index = await anyio.to_thread.run_sync(VectorIndex.build, vectors[: len(chunks)], chunks)
+        window_index = None
+        if window_tokens is not None:
+            window_index = await anyio.to_thread.run_sync(
+                VectorIndex.build, vectors[len(chunks):], [chunks[parent] for parent in parents])
+        words = await anyio.to_thread.run_sync(functools.partial(KeywordIndex.build, chunks, k1=bm25[0], b=bm25[1]))
+        manifest = _manifest(name, fp, embedder, chunk_tokens, chunk_overlap, documents, chunks, headings, words,
+                             window_tokens, len(windows))
         await anyio.to_thread.run_sync(
-            _write_and_commit, index_dir, folder, index, words, chunks, manifest, committed
+            _write_and_commit, index_dir, folder, index, words, chunks, manifest, committed,
+            None if window_index is None else (window_index, parents)
         )
     finally:
         if not committed:
             shutil.rmtree(folder, ignore_errors=True)
     log.info("index.built", index=name, path=str(folder), documents=len(documents),
-             chunks=len(chunks), device=index.device,
+             chunks=len(chunks), windows=len(windows), device=index.device,
              seconds=round(time.perf_counter() - started, 3))
-    return folder, index, words
+    return folder, index, words, window_index
 
 
-def _chunk_all(documents: Sequence[Document], embedder: EmbeddingEngine, chunk_tokens: int,
-               chunk_overlap: int, headings: bool) -> list[ChunkRecord]:
+def window_overlap(window_tokens: int) -> int:
+    """How many tokens consecutive windows share: a quarter of a window."""
+    return window_tokens // 4
+
+
+def _chunk_all(documents: Sequence[Document], embedder: EmbeddingEngine, chunk_tokens: int, chunk_overlap: int,
+               headings: bool, window_tokens: int | None
+               ) -> tuple[list[ChunkRecord], list[ChunkRecord], list[int]]:
+    """The documents' chunks, and with window_tokens their windows and the id of the chunk each stands for."""
     chunks: list[ChunkRecord] = []
+    windows: list[ChunkRecord] = []
+    parents: list[int] = []
     for doc in documents:
         shift = doc.body_start  # the front matter is metadata, not text to search
         spans = [(start + shift, end + shift) for start, end in embedder.token_spans(doc.body)]
-        chunks.extend(chunk_document(doc, spans, chunk_tokens, chunk_overlap, first_id=len(chunks),
-                                     headings=headings))
-    return chunks
+        own = chunk_document(doc, spans, chunk_tokens, chunk_overlap, first_id=len(chunks), headings=headings)
+        chunks.extend(own)
+        if window_tokens is not None and own:
+            cut = chunk_document(doc, spans, window_tokens, window_overlap(window_tokens), first_id=len(windows),
+                                 headings=headings)
+            windows.extend(cut)
+            parents.extend(window_parents(cut, own))
+    return chunks, windows, parents
 
 
 async def _embed_all(name: str, chunks: Sequence[ChunkRecord], embedder: EmbeddingEngine,
                      progress: Progress | None) -> np.ndarray:
+    """Embed the chunks' (and windows') indexed texts in batches, reporting progress."""
     total = len(chunks)
     parts: list[np.ndarray] = []
     if progress is not None:
@@ -415,7 +537,7 @@ async def _embed_all(name: str, chunks: Sequence[ChunkRecord], embedder: Embeddi
             raise
         except Exception as exc:
             raise IndexBuildError(
-                f"index '{name}': embedder {embedder.identity} failed on chunks "
+                f"index '{name}': embedder {embedder.identity} failed on texts "
                 f"{first}-{first + len(batch) - 1} of {total}: {exc}"
             ) from exc
         if vectors.shape != (len(batch), embedder.dimension):
@@ -430,7 +552,8 @@ async def _embed_all(name: str, chunks: Sequence[ChunkRecord], embedder: Embeddi
 
 
 def _manifest(name: str, fp: str, embedder: EmbeddingEngine, chunk_tokens: int, chunk_overlap: int,
-              documents: Sequence[Document], chunks: Sequence[ChunkRecord], headings: bool) -> dict[str, Any]:
+              documents: Sequence[Document], chunks: Sequence[ChunkRecord], headings: bool,
+              words: KeywordIndex, window_tokens: int | None, windows: int) -> dict[str, Any]:
     per_doc: dict[str, int] = {}
     for chunk in chunks:
         per_doc[chunk.source] = per_doc.get(chunk.source, 0) + 1
@@ -443,7 +566,11 @@ def _manifest(name: str, fp: str, embedder: EmbeddingEngine, chunk_tokens: int, 
         "chunk_tokens": chunk_tokens,
         "chunk_overlap": chunk_overlap,
         "headings": headings,
-        "keyword": {"folder": KEYWORD_FOLDER, "format": keyword.FORMAT_VERSION, "tokenizer": keyword.TOKENIZER},
+        "keyword": {"folder": KEYWORD_FOLDER, "format": keyword.FORMAT_VERSION, "tokenizer": keyword.TOKENIZER,
+                    "k1": words.k1, "b": words.b},
+        "windows": None if window_tokens is None else {
+            "tokens": window_tokens, "overlap": window_overlap(window_tokens), "count": windows,
+            "index": WINDOWS_INDEX, "parents": WINDOWS_PARENTS},
         "documents": [
             {"path": d.path, "sha256": d.sha256, "chunks": per_doc.get(d.path, 0)}
             for d in documents
@@ -455,12 +582,20 @@ def _manifest(name: str, fp: str, embedder: EmbeddingEngine, chunk_tokens: int, 
 
 def _write_and_commit(
     index_dir: Path, folder: Path, index: VectorIndex, words: KeywordIndex, chunks: Sequence[ChunkRecord],
-    manifest: dict[str, Any], committed: list[bool],
+    manifest: dict[str, Any], committed: list[bool], windows: tuple[VectorIndex, list[int]] | None = None,
 ) -> None:
     """Write the build folder (manifest last), point CURRENT at it, then drop older builds."""
     index.save(folder / "index.faiss")
     _fsync_file(folder / "index.faiss")
     words.save(folder / KEYWORD_FOLDER)
+    if windows is not None:
+        window_index, parents = windows
+        window_index.save(folder / WINDOWS_INDEX)
+        _fsync_file(folder / WINDOWS_INDEX)
+        with (folder / WINDOWS_PARENTS).open("wb") as handle:
+            np.save(handle, np.asarray(parents, dtype=np.int64))
+            handle.flush()
+            os.fsync(handle.fileno())
     lines = "".join(json.dumps(_chunk_json(c), ensure_ascii=False) + "\n" for c in chunks)
     _write_durably(folder / "chunks.jsonl", lines)
     manifest_text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
@@ -499,8 +634,10 @@ def _read_current(index_dir: Path) -> str | None:
         return ""
 
 
-def _try_load(index_dir: Path, current: str, fp: str, dimension: int) -> VectorIndex | None:
-    """Load the build CURRENT names if its fingerprint is fp; None otherwise (warning if broken)."""
+def _try_load(index_dir: Path, current: str, fp: str, dimension: int
+              ) -> tuple[VectorIndex, VectorIndex | None] | None:
+    """Load the build CURRENT names, and its windows if it has them, when its fingerprint is fp; None otherwise
+    (warning if broken)."""
     folder = index_dir / current
     try:
         if not current.startswith("build-") or Path(current).name != current:
@@ -518,11 +655,22 @@ def _try_load(index_dir: Path, current: str, fp: str, dimension: int) -> VectorI
             raise ValueError(
                 f"index dimension {index.dimension} differs from the embedder's {dimension}"
             )
-        return index
+        return index, _load_windows(folder, manifest.get("windows"), chunks)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # missing or corrupt
         log.warning("index.corrupt_rebuilding", path=str(folder),
                     error=f"{type(exc).__name__}: {exc}")
         return None
+
+
+def _load_windows(folder: Path, described: Any, chunks: Sequence[ChunkRecord]) -> VectorIndex | None:
+    """The build's window index (row i standing for the chunk holding window i), or None if it has no windows."""
+    if described is None:
+        return None
+    parents = np.load(folder / WINDOWS_PARENTS, allow_pickle=False)
+    if parents.ndim != 1 or len(parents) != described["count"] or (
+            len(parents) and not 0 <= int(parents.min()) <= int(parents.max()) < len(chunks)):
+        raise ValueError(f"{WINDOWS_PARENTS} does not name a chunk for each of the {described['count']} windows")
+    return VectorIndex.load(folder / WINDOWS_INDEX, [chunks[int(parent)] for parent in parents])
 
 
 def _chunk_json(chunk: ChunkRecord) -> dict[str, Any]:

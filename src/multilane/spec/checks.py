@@ -116,11 +116,26 @@ class _Checker:
         if stage.index not in self.spec.indexes:
             declared = ", ".join(self.spec.indexes) or "none"
             self.add(f"unknown index '{stage.index}' (declared: {declared})", (*where, "index"))
-        if stage.mode != "hybrid":
+        index = self.spec.indexes.get(stage.index)
+        windows = index is not None and index.window_tokens is not None
+        fused = {"dense": ["dense"], "keyword": ["keyword"], "hybrid": ["dense", "keyword"]}[stage.mode]
+        if windows and stage.mode != "keyword":
+            fused.append("windows")
+        if len(fused) == 1:
             for key in ("weights", "candidates"):
                 if key in stage.model_fields_set:
-                    self.add(f"{key} applies to mode: hybrid only (this stage's mode is {stage.mode})",
+                    also = (f", or to mode: dense on an index with window_tokens (index '{stage.index}' has none)"
+                            if stage.mode == "dense" else "")
+                    self.add(f"{key} applies to mode: hybrid only{also} (this stage's mode is {stage.mode})",
                              (*where, key))
+        elif stage.weights is not None:
+            for name in sorted(stage.weights.model_fields_set - set(fused)):
+                self.add(f"the {name} weight does not apply here: this stage fuses {', '.join(fused)}"
+                         + ("" if windows or name != "windows" else
+                            f" (index '{stage.index}' has no window_tokens)"), (*where, "weights", name))
+            if not any(getattr(stage.weights, name) > 0 for name in fused):
+                self.add(f"at least one weight must be above 0 (this stage fuses {', '.join(fused)})",
+                         (*where, "weights"))
 
     def check_schema(self, schema: dict[str, Any], path: KeyPath) -> None:
         if not any(key in schema for key in _SCHEMA_KEYS):

@@ -29,6 +29,7 @@ __all__ = [
     "STAGE_KINDS",
     "AgentStage",
     "AgentsSpec",
+    "BM25Spec",
     "EmbedStage",
     "GenerateStage",
     "HybridWeights",
@@ -246,6 +247,13 @@ class RuntimeSpec(_Model):
         return parse_size(self.memory_budget)
 
 
+class BM25Spec(_Model):
+    """The keyword index's BM25 parameters (the defaults are Anserini's, made for passages such as chunks)."""
+
+    k1: float = Field(default=0.9, ge=0.0, allow_inf_nan=False)  # term-frequency saturation
+    b: float = Field(default=0.4, ge=0.0, le=1.0)  # length normalisation: 0 none, 1 full
+
+
 class IndexSpec(_Model):
     """A document index: the embedding model that builds it and the documents it chunks.
 
@@ -258,6 +266,8 @@ class IndexSpec(_Model):
     chunk_tokens: int = Field(default=200, ge=16)
     chunk_overlap: int = Field(default=40, ge=0)
     chunk_headings: bool = False
+    window_tokens: int | None = Field(default=None, ge=8)  # also embed windows this small, to rank chunks by
+    bm25: BM25Spec = Field(default_factory=BM25Spec)
 
     @model_validator(mode="after")
     def _one_source(self) -> IndexSpec:
@@ -266,6 +276,9 @@ class IndexSpec(_Model):
                              f"{', '.join(CORPUS_NAMES)})")
         if self.documents is not None and self.corpus is not None:
             raise ValueError("give documents or corpus, not both")
+        if self.window_tokens is not None and self.window_tokens >= self.chunk_tokens:
+            raise ValueError(f"window_tokens ({self.window_tokens}) must be below chunk_tokens ({self.chunk_tokens}): "
+                             "windows are small parts of chunks")
         return self
 
     @property
@@ -352,14 +365,16 @@ class EmbedStage(StageBase):
 
 
 class HybridWeights(_Model):
-    """How much each ranking counts in hybrid retrieval's reciprocal rank fusion."""
+    """How much each ranking counts in reciprocal rank fusion: dense, keyword, and the windows of an index that
+    has them."""
 
-    dense: float = Field(default=1.0, ge=0.0)
-    keyword: float = Field(default=1.0, ge=0.0)
+    dense: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    keyword: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    windows: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
-    def _not_both_zero(self) -> HybridWeights:
-        if self.dense == 0 and self.keyword == 0:
+    def _not_all_zero(self) -> HybridWeights:
+        if self.dense == 0 and self.keyword == 0 and self.windows == 0:
             raise ValueError("at least one weight must be above 0")
         return self
 
@@ -378,10 +393,10 @@ class RetrieveStage(StageBase):
     filter: Annotated[dict[str, FilterValue] | None, BeforeValidator(_check_filter)] = None
 
     @property
-    def fusion_weights(self) -> tuple[float, float]:
-        """(dense, keyword) weights for hybrid retrieval."""
+    def fusion_weights(self) -> tuple[float, float, float]:
+        """(dense, keyword, windows) weights for fused retrieval."""
         weights = self.weights or HybridWeights()
-        return (weights.dense, weights.keyword)
+        return (weights.dense, weights.keyword, weights.windows)
 
     def templates(self) -> dict[str, str]:
         """The stage's template fields (YAML key -> source) that are set."""

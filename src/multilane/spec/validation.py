@@ -17,6 +17,7 @@ from multilane.spec.models import (
     STAGE_CLASSES,
     STAGE_KINDS,
     AgentsSpec,
+    BM25Spec,
     HybridWeights,
     IndexSpec,
     InputSpec,
@@ -98,6 +99,8 @@ def _allowed_keys(path: KeyPath, data: Any) -> list[str] | None:
         model = ModelSpec
     elif len(parent) == 2 and parent[0] == "indexes":
         model = IndexSpec
+    elif len(parent) == 3 and parent[0] == "indexes" and parent[2] == "bm25":
+        model = BM25Spec
     elif len(parent) == 2 and parent[0] == "pipelines":
         model = PipelineSpec
     elif len(parent) == 4 and parent[0] == "pipelines" and parent[2] == "inputs":
