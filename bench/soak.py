@@ -249,7 +249,14 @@ async def soak_server(seed: int, folder: Path) -> dict[str, Any]:
                         pass
                     await anyio.sleep(0.5)
 
-            async def send(kind: str, i: int) -> None:
+            async def send(kind: str, i: int, answered: anyio.Event | None = None) -> None:
+                try:
+                    await post(kind, i)
+                finally:
+                    if answered is not None:
+                        answered.set()
+
+            async def post(kind: str, i: int) -> None:
                 prompt = f"Write a short note about lighthouse number {i}."
                 max_tokens = rng.choice(MAX_TOKENS)
                 if kind == "openai-chat":
@@ -273,7 +280,10 @@ async def soak_server(seed: int, folder: Path) -> dict[str, Any]:
                 entry["status"] = reply.status_code
                 entry["retry_after"] = reply.headers.get("retry-after")
                 if reply.status_code != 200:
-                    error = reply.json().get("error")  # OpenAI's {"code": ...} under /v1, Ollama's message elsewhere
+                    try:  # OpenAI's {"error": {"code": ...}} under /v1, Ollama's {"error": message} elsewhere
+                        error = reply.json().get("error")
+                    except ValueError:
+                        error = reply.text[:80]
                     entry["code"] = error.get("code") if isinstance(error, dict) else path
                     entry["shutting_down"] = (entry["code"] == "shutting_down" or
                                               (path == "/api/chat" and "shutting down" in str(error)))
@@ -291,9 +301,12 @@ async def soak_server(seed: int, folder: Path) -> dict[str, Any]:
                         if await queued():
                             break
                         await anyio.sleep(0.05)
-                for i in range(2):  # the budget has no room for gemma while smol is busy: a 503
-                    tg.start_soon(send, "gemma", HTTP_CALLS + i)
-                await anyio.sleep(0.2)
+                answered = [anyio.Event(), anyio.Event()]
+                for i, event in enumerate(answered):  # the budget has no room for gemma while smol is busy: a 503
+                    tg.start_soon(send, "gemma", HTTP_CALLS + i, event)
+                with anyio.move_on_after(2):  # SIGTERM once they are answered (or soon, if one loads gemma)
+                    for event in answered:
+                        await event.wait()
                 proc.send_signal(signal.SIGTERM)
         with anyio.fail_after(HANG_GUARD):
             returncode = await proc.wait()
@@ -313,11 +326,17 @@ async def soak_server(seed: int, folder: Path) -> dict[str, Any]:
         "refused_503_without_retry_after": sum(r["status"] == 503 and not r.get("retry_after") for r in replies),
         "other": sum(r["status"] not in (200, 503) for r in replies),
         "lost": sum(r["status"] is None for r in replies),
-        "exit_code": returncode, "shutdown_line": next((line.strip() for line in text.splitlines()
-                                                         if "shut down" in line), None),
+        "exit_code": returncode, "shutdown": _shutdown_fields(text),
         "tracebacks": text.count("Traceback"), "processes_left": left,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _shutdown_fields(log: str) -> dict[str, int]:
+    """The counts of the server's `shut down finished=.. refused=.. cut=..` log line."""
+    line = next((line for line in log.splitlines() if "shut down" in line), "")
+    fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+    return {key: int(fields[key]) for key in ("finished", "refused", "cut") if key in fields}
 
 
 async def soak(seed: int) -> dict[str, Any]:
@@ -345,7 +364,7 @@ def table(r: dict[str, Any]) -> str:
         f"({sv['refused_503_without_retry_after']} without Retry-After), other {sv['other']}, lost {sv['lost']}; "
         f"{sv['statuses']}",
         f"         after SIGTERM: exit code {sv['exit_code']}, processes left {len(sv['processes_left'])}, "
-        f"tracebacks {sv['tracebacks']}; {sv['shutdown_line']}",
+        f"tracebacks {sv['tracebacks']}; the server's count: {sv['shutdown']}",
         f"lost {r['lost']}, engine processes left {r['engine_processes_left']}",
     ])
 
