@@ -49,7 +49,7 @@ CANCEL_SHARE = 0.25
 MAX_TOKENS = (8, 16, 32)
 HTTP_CALLS = 16  # in part two, besides 2 calls to the model the budget has no room for
 GRACE = 2  # seconds `multilane serve` gives running calls after SIGTERM
-HANG_GUARD = 900.0  # seconds: a call still pending then is counted as lost (a guard, not a measure)
+HANG_GUARD = 600.0  # seconds: a call still pending then is counted as lost (a guard, not a measure)
 CORE = "VLLM::EngineCore"
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,12 @@ def test_a_soak_with_eviction_cancels_a_killed_engine_and_sigterm_loses_no_call_
         leftovers: Any) -> None:
     proc = subprocess.Popen([sys.executable, "bench/soak.py", "--seed", "1", "--json"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    out, err = proc.communicate(timeout=850)
+    try:
+        out, err = proc.communicate(timeout=850)  # a guard against a hang, under pytest's own 900 s
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its engines and its server: all in its session
+        proc.communicate()
+        raise
     assert proc.returncode == 0, err[-3000:]
     figures = json.loads(out.strip().splitlines()[-1])
     runtime, serve = figures["runtime"], figures["serve"]
