@@ -39,6 +39,19 @@ def lane(s: Any) -> dict[str, Any]:
     return row
 
 
+def slots(s: Any) -> tuple[int, int]:
+    """The assistant lane's busy slots and queued calls; (0, 0) before it is loaded."""
+    rows = [row for row in s.runtime.ps() if row["name"] == "assistant"]
+    return (rows[0]["busy"], rows[0]["queued"]) if rows else (0, 0)
+
+
+async def until(check: Any) -> None:
+    """Wait until `check()` holds. A call's prompt is counted in a worker thread before it takes a slot or
+    queues, which `wait_all_tasks_blocked` does not wait for; the test's `fail_after` bounds the wait."""
+    while not check():  # noqa: ASYNC110 (the lanes offer no event for "a call reached me")
+        await anyio.sleep(0.001)
+
+
 def refused_for_shutdown(reply: httpx.Response) -> bool:
     body = reply.json()
     code = body["error"]["code"] if isinstance(body["error"], dict) else None
@@ -54,16 +67,16 @@ async def test_queued_and_new_calls_get_503_at_once_while_running_calls_finish(s
     engine = held("one two three", before_hold=1)
     replies: dict[str, httpx.Response] = {}
 
-    with capture_logs() as logs, anyio.fail_after(10):
+    with capture_logs() as logs, anyio.fail_after(60):
         async with serve(SPEC, assistant=engine) as s:
             async def call(name: str) -> None:
                 replies[name] = await s.client.post("/v1/chat/completions", json=chat(name))
 
             async with anyio.create_task_group() as tg:
-                for name in ("run-1", "run-2", "queued-1", "queued-2", "queued-3"):
+                for n, name in enumerate(("run-1", "run-2", "queued-1", "queued-2", "queued-3"), start=1):
                     tg.start_soon(call, name)
-                    await anyio.wait_all_tasks_blocked()
-                assert (lane(s)["busy"], lane(s)["queued"]) == (2, 3)
+                    await until(lambda n=n: sum(slots(s)) == n)  # in this order: the first two run
+                assert slots(s) == (2, 3)
 
                 drained = anyio.Event()
 
@@ -72,7 +85,7 @@ async def test_queued_and_new_calls_get_503_at_once_while_running_calls_finish(s
                     drained.set()
 
                 tg.start_soon(drain)
-                await anyio.wait_all_tasks_blocked()
+                await until(lambda: len(replies) == 3)
                 # At once, while the two running calls still hold their slots: the queued ones are refused ...
                 assert sorted(replies) == ["queued-1", "queued-2", "queued-3"]
                 assert all(refused_for_shutdown(reply) for reply in replies.values())
@@ -101,7 +114,7 @@ async def test_calls_still_running_when_the_grace_runs_out_are_cut_with_a_503(se
     engine = held("one two three", before_hold=1)
     replies: dict[str, httpx.Response] = {}
 
-    with capture_logs() as logs, anyio.fail_after(10):
+    with capture_logs() as logs, anyio.fail_after(60):
         async with serve(SPEC, assistant=engine) as s:
             async def call(name: str, path: str, body: dict[str, Any]) -> None:
                 replies[name] = await s.client.post(path, json=body)
@@ -109,8 +122,7 @@ async def test_calls_still_running_when_the_grace_runs_out_are_cut_with_a_503(se
             async with anyio.create_task_group() as tg:
                 tg.start_soon(call, "whole", "/v1/chat/completions", chat("whole"))
                 tg.start_soon(call, "stream", "/v1/chat/completions", chat("stream", stream=True))
-                await anyio.wait_all_tasks_blocked()
-                assert lane(s)["busy"] == 2  # both hold mid-stream, and the engine never lets them go
+                await until(lambda: slots(s)[0] == 2)  # both hold mid-stream, and the engine never lets them go
                 await s.app.state.shutdown.drain(0.05)
             busy_after = lane(s)["busy"]
 
@@ -131,7 +143,7 @@ async def test_a_pipeline_run_cut_by_the_shutdown_is_a_503_and_its_stream_ends_w
     engine = held("one two three", before_hold=1)
     replies: dict[str, httpx.Response] = {}
 
-    with anyio.fail_after(10):
+    with anyio.fail_after(60):
         async with serve(SPEC, assistant=engine) as s:
             async def run(name: str, stream: bool) -> None:
                 replies[name] = await s.client.post("/v1/pipelines/echo/runs",
@@ -140,7 +152,7 @@ async def test_a_pipeline_run_cut_by_the_shutdown_is_a_503_and_its_stream_ends_w
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run, "whole", False)
                 tg.start_soon(run, "stream", True)
-                await anyio.wait_all_tasks_blocked()
+                await until(lambda: slots(s)[0] == 2)  # both runs' model calls hold their slots
                 await s.app.state.shutdown.drain(0.05)
 
     assert refused_for_shutdown(replies["whole"])
