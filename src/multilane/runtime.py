@@ -353,7 +353,10 @@ class Runtime:
                         seen.append(chunk)
                         yield chunk
             except BaseException as exc:
-                traced.failed(exc)
+                try:
+                    await chunks.aclose()  # the lane tells the span how the call went before the span ends
+                finally:
+                    traced.failed(exc)
                 raise
             traced.succeeded(Completion("".join(c.text for c in seen), max((c.prompt_tokens for c in seen), default=0),
                                         sum(c.tokens for c in seen),

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -649,3 +650,16 @@ async def test_each_for_each_item_is_a_span_under_its_stage_with_its_own_chat_ca
         assert spans.children(item) == ["chat assistant"]
         index = (item.attributes or {})["multilane.item.index"]
         assert (item.attributes or {})["multilane.path"] == f"stage:each/item:{index}"
+
+
+async def test_a_stream_left_early_is_marked_cancelled_and_keeps_its_lane_figures(fake_runtime, spans: Spans) -> None:
+    rt, factory = fake_runtime(RAG, assistant=FakeGenerateEngine(reply="one two three four five six"))
+    async with Runtime(rt.spec, engines=factory, tracer_provider=spans.provider) as runtime:
+        async with aclosing(runtime.generate_stream("assistant", "hi", SamplingOptions(max_tokens=6))) as chunks:
+            async for _ in chunks:
+                break  # the caller leaves after the first chunk: the call is aborted
+    attrs = dict(spans.one("chat assistant").attributes or {})
+    assert attrs["multilane.cancelled"] is True
+    # the lane's figures reached the span before it ended
+    assert attrs["multilane.lane"] == "assistant" and attrs["multilane.slots.busy"] == 0
+    assert attrs["multilane.model_loaded"] is True
