@@ -234,10 +234,26 @@ def test_a_run_cut_off_by_a_hang_up_is_journaled_resumed_and_replayed(server: Se
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "resume_refused"
 
 
-def test_a_burst_past_the_queue_gets_503s_while_every_admitted_call_completes(server: Server) -> None:
+@pytest.fixture(scope="module")
+def per_second(server: Server) -> float:
+    """One sequence's decoding speed through the server, measured: tests size their calls by it, not by a guess
+    (SmolLM2 decodes from under 10 to over 60 tokens/s on the CPUs this suite runs on)."""
+    started = time.monotonic()
+    reply = httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, timeout=600, json={
+        "model": "assistant", "max_tokens": 64, "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Count the waves."}]})
+    return float(reply.json()["usage"]["completion_tokens"]) / (time.monotonic() - started)
+
+
+def test_a_burst_past_the_queue_gets_503s_while_every_admitted_call_completes(server: Server,
+                                                                             per_second: float) -> None:
+    # Each call decodes for about 5 s, so all 12 arrive while the first 4 still hold the slots.
+    tokens = max(32, round(5 * per_second))
+
     def call(i: int) -> httpx.Response:
         return httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, timeout=180, json={
-            "model": "assistant", "max_tokens": 64, "messages": [{"role": "user", "content": f"Tell story {i}."}]})
+            "model": "assistant", "max_tokens": tokens, "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"Tell story {i}."}]})
 
     with ThreadPoolExecutor(12) as pool:
         replies = list(pool.map(call, range(12)))
@@ -328,7 +344,7 @@ def _shutting_down(reply: httpx.Response) -> bool:
 
 
 def test_sigterm_refuses_what_has_not_started_lets_running_calls_finish_and_cuts_the_rest(
-        server: Server, leftovers: Any) -> None:
+        server: Server, per_second: float, leftovers: Any) -> None:
     """Runs last: it stops the module's server. Two long calls outlast the grace, two short ones do not, two wait
     in the queue; SIGTERM, then one more call."""
     _wait_busy(server, lambda busy: busy == 0, 120)  # earlier tests' calls have all finished
@@ -361,9 +377,6 @@ def test_sigterm_refuses_what_has_not_started_lets_running_calls_finish_and_cuts
     # The calls are sized by this machine's speed, measured, not by a guess at it: a short call decodes for about
     # 4 s (still running when the queued calls have been seen queued and the signal is sent, done well within the
     # grace); LONG tokens take far longer than the grace.
-    started = time.monotonic()
-    paced = httpx.post(f"{server.url}/v1/chat/completions", headers=AUTH, timeout=600, json=body("pace", 64, False))
-    per_second = paced.json()["usage"]["completion_tokens"] / (time.monotonic() - started)
     assert LONG / per_second > 1.5 * GRACE, f"{per_second:.0f} tokens/s: LONG must be raised for this machine"
     short = max(16, round(4 * per_second))
     calls = [threading.Thread(target=streamed, args=("long-stream", LONG)),
