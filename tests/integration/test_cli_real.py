@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "multilane.cli"]
 
 
 def test_cli_runs_the_example_rag_pipeline_prints_only_the_answer_and_leaves_no_process_behind(
-        leftovers: Any) -> None:
+        leftovers: Any, request: pytest.FixtureRequest) -> None:
+    # The run's own temp folder, to see what it leaves there; short, since a unix socket's path is.
+    temp = Path(tempfile.mkdtemp(prefix="cli-"))
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_RPC_BASE_PATH"} | {"TMPDIR": str(temp)}
     proc = subprocess.Popen(
         [*CLI, "run", "pipelines/rag.yaml", "ask", "--input", "question=Who built the lighthouse at Cape Orrin?"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     out, err = proc.communicate(timeout=600)
 
     assert proc.returncode == 0, err[-3000:]
@@ -31,6 +41,9 @@ def test_cli_runs_the_example_rag_pipeline_prints_only_the_answer_and_leaves_no_
     assert err == ""
     remaining = leftovers(proc.pid)
     assert remaining == [], f"engine processes outlived the CLI: {remaining}"
+    # vLLM's ZeroMQ sockets went to the process's own folder, which is gone with it.
+    sockets = [p for p in temp.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
+    assert sockets == [] and not list(temp.glob("multilane-vllm-*")), sorted(temp.rglob("*"))
 
 
 def test_cli_reports_a_spec_error_with_file_and_line_and_no_traceback(tmp_path: Path) -> None:

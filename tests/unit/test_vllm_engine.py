@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from multilane.engines.vllm import KVCapacity, check_capacity, load_error, read_capacity
+from multilane.engines import vllm
+from multilane.engines.vllm import KVCapacity, check_capacity, load_error, private_ipc_folder, read_capacity
 from multilane.errors import EngineError
 from multilane.memory import KVPlan
 
@@ -54,3 +58,30 @@ def test_a_failed_engine_start_names_the_model_and_numbers_instead_of_the_root_c
     assert "context 512, parallel 1, dtype bfloat16" in message
     assert "(1 x 4 + 1 reserved) blocks" in message
     assert "of RAM is available now" in message and "Lower the model's parallel or context" in message
+
+
+def test_vllms_sockets_go_to_one_private_folder_per_process_unless_the_user_chose_one(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    monkeypatch.setattr(vllm, "_ipc_folder", None)
+    folder = private_ipc_folder()
+    assert os.environ["VLLM_RPC_BASE_PATH"] == folder  # what vLLM and its child processes read
+    assert Path(folder).is_dir() and Path(folder).parent == Path(tempfile.gettempdir())
+    assert Path(folder).name.startswith("multilane-vllm-")
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH")
+    assert private_ipc_folder() == folder  # every engine of the process shares it
+
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
+    assert private_ipc_folder() == str(tmp_path)
+
+
+def test_vllms_default_stays_where_a_private_folder_would_make_socket_paths_too_long(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * (107 - 36 - len(str(tmp_path)) - 2))  # room for a uuid here, not one folder further
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    monkeypatch.setattr(vllm, "_ipc_folder", None)
+
+    assert private_ipc_folder() == str(deep)
+    assert "VLLM_RPC_BASE_PATH" not in os.environ and list(deep.iterdir()) == []

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import gc
 import inspect
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +26,35 @@ log = structlog.get_logger(__name__)
 
 # Engine options a pipeline may not set through `engine:`, because Multilane derives them.
 _OWNED_OPTIONS = frozenset({"model", "max_model_len", "max_num_seqs", "kv_cache_memory_bytes", "dtype"})
+
+
+_ipc_folder: str | None = None  # "" once the temp folder proved too deep for one
+_SOCKET_PATH_MAX = 107  # bytes in a unix socket's path (sockaddr_un.sun_path, less its NUL)
+_SOCKET_NAME = 36  # vLLM names each socket after a uuid4
+
+
+def private_ipc_folder() -> str:
+    """Where vLLM's engines of this process put their ZeroMQ sockets: one folder, removed when the process exits.
+
+    vLLM names each socket after a fresh uuid in VLLM_RPC_BASE_PATH, the system temp folder by default, and leaves
+    several behind per engine start (all of them when a core is killed). A user's own VLLM_RPC_BASE_PATH wins, and
+    so does vLLM's default where the extra folder would make a socket's path longer than the OS allows.
+    """
+    global _ipc_folder
+    if "VLLM_RPC_BASE_PATH" in os.environ:
+        return os.environ["VLLM_RPC_BASE_PATH"]
+    if _ipc_folder is None:
+        folder = tempfile.mkdtemp(prefix="multilane-vllm-")
+        if len(os.fsencode(folder)) + 1 + _SOCKET_NAME > _SOCKET_PATH_MAX:
+            os.rmdir(folder)
+            _ipc_folder = ""
+        else:
+            _ipc_folder = folder
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if not _ipc_folder:
+        return tempfile.gettempdir()
+    os.environ["VLLM_RPC_BASE_PATH"] = _ipc_folder  # the engine core and its workers inherit it
+    return _ipc_folder
 
 
 def _quiet_vllm(options: dict[str, Any]) -> None:
@@ -175,6 +207,7 @@ class VLLMEngine:
         name = model or path
         options = dict(options or {})
         _quiet_vllm(options)
+        private_ipc_folder()
         owned = sorted(_OWNED_OPTIONS & options.keys())
         if owned:
             raise EngineError(f"model '{name}': engine option(s) {', '.join(owned)} are set by Multilane from the "
