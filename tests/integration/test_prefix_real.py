@@ -71,7 +71,7 @@ async def test_a_second_call_sharing_a_long_prefix_reports_its_cached_tokens(rt:
 
 async def test_an_urgent_call_overtakes_queued_background_calls_on_the_real_engine(rt: Runtime) -> None:
     await engine_of(rt)
-    background = SamplingOptions(max_tokens=48, ignore_eos=True)
+    background = SamplingOptions(max_tokens=128, ignore_eos=True)  # the urgent call arrives well before bg0 ends
     started: list[str] = []
     first = anyio.Event()
 
