@@ -308,7 +308,8 @@ class PydanticAI(Client):
     def stream(self, prompt: str) -> list[str]:
         async def run() -> list[str]:
             async with self._agent().run_stream(prompt) as result:
-                return [piece async for piece in result.stream_text(delta=True)]
+                # every delta as it came: the default debounce (0.1 s) joins the pieces of a fast reply into one
+                return [piece async for piece in result.stream_text(delta=True, debounce_by=None)]
 
         return asyncio.run(run())
 
