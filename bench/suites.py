@@ -392,18 +392,20 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def priority(rt: Runtime) -> dict[str, Any]:
-    """Interactive calls beside 48 background calls on one 16-slot lane with 2 reserved slots: first come first
-    served, against priority alone, against priority with the reserved slots (the bench's other generate lanes
-    are unloaded first)."""
+    """Interactive calls beside 48 background calls on one lane of 16 slots plus 2 reserved: first come first
+    served on the 16, against priority alone on the 16, against priority with the reserved slots, and first come
+    first served on all 18 (the bench's other generate lanes are unloaded first)."""
     for row in rt.ps():
         if row["kind"] == "generate" and "lane16" not in row["models"]:
             await rt.unload(row["name"])
     await rt.load("lane16")
     await rt.generate("lane16", "Warm up.", SamplingOptions(max_tokens=4))
-    cases = {"fifo": {"background": 0, "interactive": 0},  # everyone at 0: arrival order, every slot for all
-             "priority": {"background": 0, "interactive": -1},  # both may take the reserved slots (priority <= 0)
-             "priority_reserved": {"background": 1, "interactive": 0}}  # background kept out of the 2 reserved
-    # Each case runs twice, in the order A B C C B A, so that a machine getting busier or quieter weighs on all alike.
+    # The lane keeps its 2 reserved slots for priority 0 or lower: calls at 1 or more share the 16 others.
+    cases = {"fifo": {"background": 1, "interactive": 1},  # one priority: arrival order on the 16 slots
+             "priority": {"background": 2, "interactive": 1},  # interactive first in the queue, on the 16 slots
+             "priority_reserved": {"background": 1, "interactive": 0},  # and the 2 reserved slots for it
+             "fifo_all_slots": {"background": 0, "interactive": 0}}  # arrival order on all 18 slots
+    # Each case runs twice, in the order A B C D D C B A, so that a machine getting busier or quieter weighs on all.
     order = [*cases, *reversed(cases)]
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
     with step("bench:priority", "fifo, priority, priority with reserved slots", total=len(order)) as advance:
@@ -411,7 +413,7 @@ async def priority(rt: Runtime) -> dict[str, Any]:
             rounds[name].append(await _priority_case(rt, **cases[name]))
             advance(n)
     out: dict[str, Any] = {name: _summary(done) for name, done in rounds.items()}
-    for name in ("priority", "priority_reserved"):
+    for name in ("priority", "priority_reserved", "fifo_all_slots"):
         out[f"{name}_p95_latency_ratio"] = out["fifo"]["interactive_latency_p95"] / out[name]["interactive_latency_p95"]
         out[f"{name}_background_throughput_ratio"] = (out[name]["background_tokens_per_s"]
                                                       / out["fifo"]["background_tokens_per_s"])
@@ -468,7 +470,8 @@ def table(results: dict[str, Any]) -> str:
     if "priority" in results:
         q = results["priority"]
         fifo = q["fifo"]
-        for name, label in (("priority", "priority"), ("priority_reserved", "priority + 2 reserved slots")):
+        for name, label in (("priority", "priority"), ("priority_reserved", "priority + 2 reserved slots"),
+                            ("fifo_all_slots", "first come first served on all 18 slots")):
             case = q[name]
             lines.append(
                 f"priority, {label} vs first come first served: interactive latency p50/p95 "

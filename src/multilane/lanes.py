@@ -5,7 +5,9 @@ lowest priority number first and, within a priority, the earliest arrival; past 
 call is refused at once. A waiting call is passed over (a later call given a slot it could have taken) at
 most `max_overtakes` times; after that no later call goes before it, so low priority is delayed, never
 starved. `reserved_slots` of a lane are slots only calls of priority `reserved_priority` or lower (more
-urgent) may take, so that such a call starts at once while background calls fill the rest.
+urgent) may take, so that such a call starts at once while background calls fill the rest. A declared model's
+reserved slots come on top of its `parallel` (the engine runs both), so keeping them costs the background
+calls no slot, only the KV memory of the extra sequences.
 
 The pool loads lanes on demand, one load at a time,
 shares a lane between declared models with the same weights and settings, evicts idle lanes (soonest
@@ -97,10 +99,10 @@ class LanePlan:
     load: Callable[[], Awaitable[Engine]]
     weights_bytes: int = 0
     kv: KVPlan | None = None  # the KV cache the engine gets, in its own blocks
-    parallel: int = 1
+    parallel: int = 1  # every slot (sequences the engine runs at once), the reserved ones included
     context: int | None = None
     dtype: str | None = None  # the dtype the engine computes in, when Multilane chooses it
-    reserved_slots: int = 0  # slots only calls of priority <= reserved_priority may take
+    reserved_slots: int = 0  # of the slots, those only calls of priority <= reserved_priority may take
     reserved_priority: int = 0
 
     @property
@@ -321,7 +323,7 @@ class Lane:
 
     @property
     def parallel(self) -> int:
-        """Slots: calls that run at once."""
+        """Slots: calls that run at once, the reserved slots included."""
         return self._plan.parallel
 
     @property

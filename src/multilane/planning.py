@@ -150,7 +150,7 @@ async def plan_model(name: str, spec: Spec, *, gpu: bool | None = None,
                                                         batch_wait=model.batch_wait_seconds)
 
         weights = await anyio.to_thread.run_sync(weights_bytes, prepared.path)
-        return LanePlan(key, "embedding", source, load_embedding, weights_bytes=weights, parallel=model.parallel,
+        return LanePlan(key, "embedding", source, load_embedding, weights_bytes=weights, parallel=model.slots,
                         reserved_slots=model.reserved_slots, reserved_priority=model.reserved_priority)
 
     from multilane.engines.vllm import VLLMEngine
@@ -166,7 +166,7 @@ async def plan_model(name: str, spec: Spec, *, gpu: bool | None = None,
     context = model.context or 2048
     # With tensor or pipeline parallelism each GPU holds its share of weights and KV cache: budget per GPU.
     shards = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
-    kv = vllm_kv_plan(shape, parallel=model.parallel, context=context,
+    kv = vllm_kv_plan(shape, parallel=model.slots, context=context,
                       dtype=choice.dtype if kv_dtype == "auto" else kv_dtype,
                       block_size=int(options.get("block_size") or (GPU_BLOCK_SIZE if on_gpu else CPU_BLOCK_SIZE)),
                       max_batched_tokens=options.get("max_num_batched_tokens"),
@@ -180,12 +180,12 @@ async def plan_model(name: str, spec: Spec, *, gpu: bool | None = None,
     async def load_generate() -> Engine:
         if choice.warning:
             log.warning("slow dtype", model=name, dtype=choice.dtype, why=choice.warning)
-        return await VLLMEngine.load(path, identity=prepared.identity, context=context, parallel=model.parallel,
+        return await VLLMEngine.load(path, identity=prepared.identity, context=context, parallel=model.slots,
                                      dtype=choice.dtype, kv=kv, options=options, model=name)
 
     log.debug("dtype chosen", model=name, dtype=choice.dtype, reason=choice.reason)
     return LanePlan(key, "generate", source, load_generate, weights_bytes=-(-weights // shards), kv=kv,
-                    parallel=model.parallel, context=context, dtype=choice.dtype,
+                    parallel=model.slots, context=context, dtype=choice.dtype,
                     reserved_slots=model.reserved_slots, reserved_priority=model.reserved_priority)
 
 
@@ -204,13 +204,13 @@ def plan_remote(name: str, spec: Spec) -> LanePlan:
         async def load_embedding() -> Engine:
             return await RemoteEmbeddingEngine.load(settings)
 
-        return LanePlan(key, "embedding", source, load_embedding, parallel=model.parallel,
+        return LanePlan(key, "embedding", source, load_embedding, parallel=model.slots,
                         reserved_slots=model.reserved_slots, reserved_priority=model.reserved_priority)
 
     async def load_generate() -> Engine:
         return await RemoteGenerateEngine.load(settings, context=model.context)
 
-    return LanePlan(key, "generate", source, load_generate, parallel=model.parallel, context=model.context,
+    return LanePlan(key, "generate", source, load_generate, parallel=model.slots, context=model.context,
                     reserved_slots=model.reserved_slots, reserved_priority=model.reserved_priority)
 
 
@@ -227,6 +227,6 @@ def plan_with_factory(name: str, spec: Spec, factory: EngineFactory) -> LanePlan
         return engine
 
     source = model.source or name
-    return LanePlan((source, settings_key(model)), model.kind, source, load, parallel=model.parallel,
+    return LanePlan((source, settings_key(model)), model.kind, source, load, parallel=model.slots,
                     context=model.context, reserved_slots=model.reserved_slots,
                     reserved_priority=model.reserved_priority)

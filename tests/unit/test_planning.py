@@ -134,6 +134,18 @@ async def test_engine_options_that_change_the_blocks_are_followed(tmp_path: Path
     assert plan.dtype == "bfloat16"
 
 
+async def test_reserved_slots_are_extra_sequences_with_their_own_cache(tmp_path: Path) -> None:
+    plain = await plan_model("m", _spec(tmp_path, SMOLLM2_135M, "context: 512, parallel: 16"),
+                             gpu=False, flags=cpu_flags(CPUINFO_AVX512_BF16))
+    reserved = await plan_model("m", _spec(tmp_path, SMOLLM2_135M, "context: 512, parallel: 16, reserved_slots: 2"),
+                                gpu=False, flags=cpu_flags(CPUINFO_AVX512_BF16))
+
+    assert (plain.parallel, reserved.parallel, reserved.reserved_slots) == (16, 18, 2)
+    assert plain.kv is not None and reserved.kv is not None
+    assert reserved.kv.blocks - plain.kv.blocks == 2 * 4  # two more sequences of 512 tokens, budgeted
+    assert "(18 x 4 + 1 reserved) blocks" in reserved.arithmetic()
+
+
 async def test_a_kv_cache_dtype_multilane_cannot_budget_is_a_spec_error(tmp_path: Path) -> None:
     spec = _spec(tmp_path, SMOLLM2_135M, "engine: {kv_cache_dtype: fp8_e5m2}")
 

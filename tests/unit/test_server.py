@@ -1028,7 +1028,7 @@ async def test_ps_url_prints_the_servers_lanes(serve: Any, monkeypatch: pytest.M
 
 async def test_ps_shows_the_cache_hit_rate_reserved_slots_and_the_queue_by_priority(
         serve: Any, held: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = PRIORITY_SPEC.replace("parallel: 1}", "parallel: 2, reserved_slots: 1}")
+    spec = PRIORITY_SPEC.replace("parallel: 1}", "parallel: 1, reserved_slots: 1}")
     engine = held("a b c", cache_block_size=1)
     async with serve(spec, assistant=engine) as s:
         async with anyio.create_task_group() as tg:

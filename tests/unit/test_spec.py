@@ -860,11 +860,17 @@ def test_priorities_reserved_slots_and_max_overtakes_are_read_from_the_file() ->
     assert (spec.pipeline("p").priority_of("s"), spec.pipeline("p").priority_of("t")) == (3, -2)
 
 
-def test_reserved_slots_must_leave_a_slot_for_every_priority() -> None:
+def test_reserved_slots_come_on_top_of_parallel() -> None:
+    spec = parse_spec("models:\n  a: {kind: generate, source: x, parallel: 4, reserved_slots: 4}\n"
+                      "  b: {kind: generate, source: x, parallel: 4}\n", "f.yaml")
+    assert (spec.model("a").parallel, spec.model("a").slots) == (4, 8)  # background calls keep their 4
+    assert spec.model("b").slots == 4
+
+
+def test_reserved_slots_cannot_be_negative() -> None:
     with pytest.raises(SpecError) as caught:
-        parse_spec("models:\n  a: {kind: generate, source: x, parallel: 4, reserved_slots: 4}\n", "f.yaml")
-    assert (caught.value.line, caught.value.field) == (2, "models.a")
-    assert "reserved_slots (4) must be below parallel (4)" in caught.value.reason
+        parse_spec("models:\n  a: {kind: generate, source: x, parallel: 4, reserved_slots: -1}\n", "f.yaml")
+    assert (caught.value.line, caught.value.field) == (2, "models.a.reserved_slots")
 
 
 def test_a_priority_must_be_a_whole_number() -> None:

@@ -156,7 +156,10 @@ class ModelSpec(_Model):
     batch_wait: Duration = "2ms"  # embedding micro-batch: how long the first call waits for others
     engine: dict[str, Any] = Field(default_factory=dict)
     cache: bool = False  # reuse the completion of an identical deterministic call (temperature 0 or a seed)
-    reserved_slots: int = Field(default=0, ge=0)  # slots only calls of priority <= reserved_priority may take
+    # Slots on top of `parallel` that only calls of priority <= reserved_priority may take: the engine runs
+    # parallel + reserved_slots sequences, so urgent calls start at once and background calls keep every
+    # one of their `parallel` slots.
+    reserved_slots: int = Field(default=0, ge=0)
     reserved_priority: int = 0
 
     @model_validator(mode="before")
@@ -176,15 +179,17 @@ class ModelSpec(_Model):
     def _local_source(self) -> ModelSpec:
         if self.source is None and not self.is_remote:
             raise ValueError(f"a local model needs a source ({SOURCE_HINT})")
-        if self.reserved_slots >= self.parallel:
-            raise ValueError(f"reserved_slots ({self.reserved_slots}) must be below parallel ({self.parallel}), so "
-                             "that calls of every priority have a slot; lower reserved_slots or raise parallel")
         return self
 
     @property
     def is_remote(self) -> bool:
         """Whether the model is served by a remote OpenAI-compatible server (`engine: {kind: remote}`)."""
         return _is_remote(self.engine)
+
+    @property
+    def slots(self) -> int:
+        """Every slot of the model's lane: `parallel` for calls of any priority, plus the reserved ones."""
+        return self.parallel + self.reserved_slots
 
     @property
     def batch_wait_seconds(self) -> float:
