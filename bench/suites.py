@@ -340,6 +340,13 @@ INTERACTIVE_EVERY = 2.0  # seconds
 INTERACTIVE_TOKENS = 32
 
 
+# (case, baseline): priority on the 16 shared slots, then with the reserved slots, against first come first served
+# on the 16; and the reserved slots (2 more sequences in the engine) against first come first served on all 18.
+PRIORITY_COMPARISONS = (("priority", "fifo"), ("priority_reserved", "fifo"), ("priority_reserved", "fifo_all_slots"))
+PRIORITY_LABELS = {"fifo": "first come first served", "fifo_all_slots": "first come first served on all 18 slots",
+                   "priority": "priority", "priority_reserved": "priority + 2 reserved slots"}
+
+
 async def _priority_case(rt: Runtime, *, background: int, interactive: int) -> dict[str, Any]:
     """48 background calls and an interactive call every 2 s until they are done, at the priorities given."""
     lane = "lane16"
@@ -413,16 +420,11 @@ async def priority(rt: Runtime) -> dict[str, Any]:
             rounds[name].append(await _priority_case(rt, **cases[name]))
             advance(n)
     out: dict[str, Any] = {name: _summary(done) for name, done in rounds.items()}
-    for name in ("priority", "priority_reserved", "fifo_all_slots"):
-        out[f"{name}_p95_latency_ratio"] = out["fifo"]["interactive_latency_p95"] / out[name]["interactive_latency_p95"]
-        out[f"{name}_background_throughput_ratio"] = (out[name]["background_tokens_per_s"]
-                                                      / out["fifo"]["background_tokens_per_s"])
-    # The reserved slots are 2 more sequences in the engine: against first come first served on all 18 as well.
-    all_slots, reserved = out["fifo_all_slots"], out["priority_reserved"]
-    out["priority_reserved_vs_all_slots_p95_latency_ratio"] = (all_slots["interactive_latency_p95"]
-                                                               / reserved["interactive_latency_p95"])
-    out["priority_reserved_vs_all_slots_background_throughput_ratio"] = (reserved["background_tokens_per_s"]
-                                                                         / all_slots["background_tokens_per_s"])
+    out["comparisons"] = [
+        {"case": case, "against": base,
+         "p95_latency_ratio": out[base]["interactive_latency_p95"] / out[case]["interactive_latency_p95"],
+         "background_throughput_ratio": out[case]["background_tokens_per_s"] / out[base]["background_tokens_per_s"]}
+        for case, base in PRIORITY_COMPARISONS]
     return out
 
 
@@ -475,20 +477,15 @@ def table(results: dict[str, Any]) -> str:
                          f"{on['ttft_p95']:.2f}s vs {off['ttft_p50']:.2f}/{off['ttft_p95']:.2f}s")
     if "priority" in results:
         q = results["priority"]
-        on_16, on_18 = "first come first served", "first come first served on all 18 slots"
-        for name, label, base, base_label in (("priority", "priority", "fifo", on_16),
-                                              ("priority_reserved", "priority + 2 reserved slots", "fifo", on_16),
-                                              ("priority_reserved", "priority + 2 reserved slots", "fifo_all_slots",
-                                               on_18)):
-            case, fifo = q[name], q[base]
+        for row in q["comparisons"]:
+            case, base = q[row["case"]], q[row["against"]]
             lines.append(
-                f"priority, {label} vs {base_label}: interactive latency p50/p95 "
-                f"{case['interactive_latency_p50']:.1f}/{case['interactive_latency_p95']:.1f}s vs "
-                f"{fifo['interactive_latency_p50']:.1f}/{fifo['interactive_latency_p95']:.1f}s "
-                f"({fifo['interactive_latency_p95'] / case['interactive_latency_p95']:.1f}x lower p95), ttft p95 "
-                f"{case['interactive_ttft_p95']:.2f}s vs {fifo['interactive_ttft_p95']:.2f}s; background "
-                f"{case['background_tokens_per_s']:.0f} vs {fifo['background_tokens_per_s']:.0f} tok/s "
-                f"({case['background_tokens_per_s'] / fifo['background_tokens_per_s']:.2f}x)")
+                f"priority, {PRIORITY_LABELS[row['case']]} vs {PRIORITY_LABELS[row['against']]}: interactive latency "
+                f"p50/p95 {case['interactive_latency_p50']:.1f}/{case['interactive_latency_p95']:.1f}s vs "
+                f"{base['interactive_latency_p50']:.1f}/{base['interactive_latency_p95']:.1f}s "
+                f"({row['p95_latency_ratio']:.1f}x lower p95), ttft p95 {case['interactive_ttft_p95']:.2f}s vs "
+                f"{base['interactive_ttft_p95']:.2f}s; background {case['background_tokens_per_s']:.0f} vs "
+                f"{base['background_tokens_per_s']:.0f} tok/s ({row['background_throughput_ratio']:.2f}x)")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,17 +111,20 @@ def run_and_kill(project: Project) -> int:
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 600
-    while True:
-        # The run is stopped while the journal is read, so it cannot go on to its end between the read and the
-        # kill, however long the read takes on a busy machine (one CI run saw it finish first).
-        os.killpg(proc.pid, signal.SIGSTOP)
-        if {"stage:intro", "stage:fact"} <= finished_paths(project.journal) and finished_items(project.journal):
-            break
-        os.killpg(proc.pid, signal.SIGCONT)
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "the run's first stages did not finish"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its vLLM engine core, with no chance to clean up
+    try:
+        while True:
+            # The run is stopped while the journal is read, so it cannot go on to its end between the read and
+            # the kill, however long the read takes on a busy machine (one CI run saw it finish first).
+            os.killpg(proc.pid, signal.SIGSTOP)
+            if {"stage:intro", "stage:fact"} <= finished_paths(project.journal) and finished_items(project.journal):
+                break
+            os.killpg(proc.pid, signal.SIGCONT)
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "the run's first stages did not finish"
+            time.sleep(0.05)
+    finally:  # killed here, or on a failed wait: the CLI and its vLLM engine core, with no chance to clean up
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     return proc.pid
 
