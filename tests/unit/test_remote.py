@@ -270,6 +270,19 @@ async def test_a_lost_connection_is_an_engine_death() -> None:
         [c async for c in remote.stream(prompt, SamplingOptions(max_tokens=5), "r")]
 
 
+async def test_a_stream_that_ends_without_done_is_an_engine_death_not_a_short_answer() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:  # a closed connection ends a close-delimited body cleanly
+        return sse({"choices": [{"delta": {"content": "Once"}, "finish_reason": None}]}, done=False)
+
+    remote = engine(handler, can_tokenize=False)
+    prompt = await remote.prepare("x", 5, truncate=False, model="assistant")
+    pieces: list[str] = []
+    with pytest.raises(EngineDeadError, match=r"lost the remote engine .* ended without \[DONE\]"):
+        async for chunk in remote.stream(prompt, SamplingOptions(max_tokens=5), "r"):
+            pieces.append(chunk.text)
+    assert pieces == ["Once"]  # what came before the loss still reached the caller
+
+
 async def test_remote_embeddings_come_back_in_order_and_normalised() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"data": [{"index": 1, "embedding": [0.0, 2.0]},

@@ -385,7 +385,10 @@ class RemoteEmbeddingEngine(_Remote):
 
 
 async def _events(response: httpx.Response, url: str) -> AsyncIterator[dict[str, Any]]:
-    """The JSON events of a server-sent-events response, until [DONE] (httpx-sse joins multi-line `data:`)."""
+    """The JSON events of a server-sent-events response, until [DONE] (httpx-sse joins multi-line `data:`).
+
+    A stream that ends without [DONE] lost its remote: the answer would be cut short, not finished.
+    """
     try:
         async for sse in EventSource(response).aiter_sse():
             if sse.data == "[DONE]":
@@ -407,6 +410,7 @@ async def _events(response: httpx.Response, url: str) -> AsyncIterator[dict[str,
         raise EngineError(f"the remote engine at {url} did not answer with an event stream: {exc}") from exc
     except httpx.HTTPError as exc:
         raise EngineDeadError(f"lost the remote engine at {url} mid-stream: {_describe(exc)}") from exc
+    raise EngineDeadError(f"lost the remote engine at {url} mid-stream: its stream ended without [DONE]")
 
 
 def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
