@@ -85,3 +85,14 @@ def test_vllms_default_stays_where_a_private_folder_would_make_socket_paths_too_
 
     assert private_ipc_folder() == str(deep)
     assert "VLLM_RPC_BASE_PATH" not in os.environ and list(deep.iterdir()) == []
+
+
+def test_structured_outputs_keep_vllms_defaults_unless_the_engine_options_name_them() -> None:
+    # vLLM 0.32 reads disable_any_whitespace from the engine's config only, and refuses it with backend "auto"
+    default = vllm.structured_outputs_config(None)
+    assert (default.backend, default.disable_any_whitespace) == ("auto", False)
+    compact = vllm.structured_outputs_config({"backend": "xgrammar", "disable_any_whitespace": True})  # from YAML
+    assert (compact.backend, compact.disable_any_whitespace) == ("xgrammar", True)
+    assert vllm.structured_outputs_config(compact) is compact
+    with pytest.raises(ValueError, match="disable_any_whitespace"):
+        vllm.structured_outputs_config({"disable_any_whitespace": True})  # vLLM's own check, with "auto"

@@ -175,6 +175,21 @@ def _import_vllm() -> tuple[Any, Any, Any]:
     return AsyncEngineArgs, current_platform, AsyncLLM
 
 
+def structured_outputs_config(given: Any) -> Any:
+    """vLLM's structured-output settings from `engine: {structured_outputs_config: {...}}`, or vLLM's defaults.
+
+    vLLM 0.32 reads `disable_any_whitespace` from this engine config only (a request's own flag is ignored) and
+    takes it only with a named backend: `{backend: xgrammar, disable_any_whitespace: true}` gives compact JSON.
+    It is not the default: a tool call takes a third fewer tokens, but SmolLM2-135M then ran away inside an
+    integer in the agent tests (`"day":1000000...` to max_tokens), which it never did with whitespace allowed.
+    """
+    from vllm.config import StructuredOutputsConfig
+
+    if isinstance(given, StructuredOutputsConfig):
+        return given
+    return StructuredOutputsConfig(**(given or {}))
+
+
 class VLLMEngine:
     """A loaded vLLM model; concurrent `stream` calls are merged by vLLM's continuous batching."""
 
@@ -229,6 +244,7 @@ class VLLMEngine:
         box: list[Any] = []
 
         def build() -> None:
+            options["structured_outputs_config"] = structured_outputs_config(options.get("structured_outputs_config"))
             args = AsyncEngineArgs(model=path, max_model_len=context, max_num_seqs=parallel,
                                    dtype=dtype,  # type: ignore[arg-type]  # one of the spec's checked literals
                                    kv_cache_memory_bytes=kv.bytes if kv is not None else None,
@@ -295,8 +311,8 @@ class VLLMEngine:
             max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
             stop=list(options.stop) or None, ignore_eos=options.ignore_eos, seed=options.seed,
             output_kind=RequestOutputKind.DELTA,
-            # Compact JSON: a small model otherwise spends its tokens on the whitespace the grammar allows.
-            structured_outputs=(StructuredOutputsParams(json=options.json_schema, disable_any_whitespace=True)
+            # Whitespace in JSON is the engine config's to allow (structured_outputs_config), not the request's.
+            structured_outputs=(StructuredOutputsParams(json=options.json_schema)
                                 if options.json_schema is not None else None),
         )
         finished = False
