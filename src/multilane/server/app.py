@@ -277,6 +277,9 @@ def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 
             # Drain while still listening, so that a call arriving meanwhile gets a 503 rather than a refused
             # connection; a second Ctrl-C ends the grace early. Then uvicorn closes the connections, now idle.
             await shutdown.drain(grace, stop=lambda: self.force_exit)
+            # Every call has been answered now. uvicorn's force exit would skip the lifespan's shutdown, which then
+            # dies cancelled with a traceback; the connections left are idle, so close them and the lifespan in order.
+            self.force_exit = False
             await super().shutdown(sockets)
 
     # uvicorn's own grace only backs ours up: every call has been answered when it starts counting.
