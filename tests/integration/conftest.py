@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from pathlib import Path
 
+import anyio
 import psutil
 import pytest
 
-from multilane import Runtime, Spec, parse_spec
+from multilane import EngineDeadError, Runtime, SamplingOptions, Spec, parse_spec
+from multilane.engines.base import Chunk
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,3 +107,29 @@ def leftover_processes(session: int, *, wait: float = 10.0) -> list[psutil.Proce
 def leftovers() -> Callable[..., list[psutil.Process]]:
     """`leftover_processes`, for tests that check a command left nothing running."""
     return leftover_processes
+
+
+async def kill_mid_stream(rt: Runtime, model: str, kill: Callable[[], object]) -> EngineDeadError:
+    """Stream a long call, `kill` its engine once the first chunk is in, and return what the rest then raised.
+
+    Killed once the stream has begun, not after a fixed sleep: a test process stalled for longer than the sleep
+    saw the call end normally (in CI). Fails the test when the stream outlives its engine.
+    """
+    long = SamplingOptions(max_tokens=900, ignore_eos=True)  # 15 s or more of decoding on a CPU
+    rest: list[Chunk] = []
+    async with aclosing(rt.generate_stream(model, "Write a long story about the sea.", long)) as story:
+        await anext(story)
+        await anyio.to_thread.run_sync(kill)
+        try:
+            async for chunk in story:  # what had reached us before the kill, then the engine's loss
+                rest.append(chunk)
+        except EngineDeadError as exc:
+            return exc
+    pytest.fail(f"the stream outlived its engine: {len(rest)} more chunks, "
+                f"finish {rest[-1].finish_reason if rest else None}")
+
+
+@pytest.fixture
+def killed_mid_stream() -> Callable[..., Awaitable[EngineDeadError]]:
+    """`kill_mid_stream`, for tests of an engine lost under a running call."""
+    return kill_mid_stream
