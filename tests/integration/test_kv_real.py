@@ -159,6 +159,9 @@ async def test_close_after_an_engine_death_waits_for_the_reloaded_engine() -> No
         async def queued() -> None:
             results.append(await rt.generate("smol", "Say hello.", SamplingOptions(max_tokens=8)))
 
+        # The engine is stopped before the call takes its slot, so the call cannot reach its end before the kill,
+        # however long this test is kept from running; slots and the queue are the pool's, not the engine's.
+        os.kill(core.pid, signal.SIGSTOP)
         async with anyio.create_task_group() as tg:
             tg.start_soon(running)
             while rt.ps()[0]["busy"] == 0:  # noqa: ASYNC110 - the lane's slot is pool state, not an event
