@@ -36,7 +36,8 @@ clerk = Agent(
     "clerk",
     model="assistant",  # a generate model the pipeline file declares
     instructions="You answer questions about Vellmar Island. Use lookup to find facts in the island's guide, "
-                 "days_between to count days and calculator for arithmetic. Then answer in one sentence.",
+                 "days_between to count days and calculator for arithmetic. Then answer in one sentence, in the "
+                 "guide's own words.",  # without them, SmolLM2 in float32 (CPUs without bf16) answered with a date
     # The 135M example model picks "calculator" for every question when the search tool is called "search".
     tools=[search_tool(index="guide", top_k=3, name="lookup"), calculator, days_between],
     max_steps=4,
