@@ -45,13 +45,11 @@ def hold(*, after: int | None, marker: Path | None, gates: Path | None) -> None:
             await anyio.sleep_forever()
         gate = GATE.search(self._tokenizer.decode(prompt_ids)) if gates is not None else None
         release = anyio.Path(gates / gate.group(1)) if gates is not None and gate is not None else None
-        first = True
         async for chunk in stream(self, prompt_ids, *args, **kwargs):
             yield chunk
-            if first and release is not None:
-                while not await release.exists():  # noqa: ASYNC110 - released by a file the test process makes
-                    await anyio.sleep(0.05)
-            first = False
+            while release is not None and not await release.exists():  # noqa: ASYNC110 - a file the test makes
+                await anyio.sleep(0.05)
+            release = None  # held after the first chunk only
 
     VLLMEngine.stream = held  # type: ignore[method-assign]
 
