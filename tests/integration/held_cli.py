@@ -5,9 +5,10 @@
 - `--after CALLS --marker FILE`: the first CALLS calls to a vLLM engine run; the next one touches FILE and waits
   forever, with its lane slot held and the rest of the process (a run's journal writer included) going on. A test
   that kills the process then finds the run stopped at the same step every time.
-- `--gates DIR`: a call whose prompt holds `[hold:NAME]` streams its first chunk from vLLM, then waits until the
-  file DIR/NAME exists, still holding its slot; the test creates that file to let the call go on to its end. A
-  held call ends early as any call does: a hang-up, a cut at the end of a server's grace.
+- `--gates DIR`: a call whose prompt holds `[hold:NAME]` streams its first chunk from its engine (vLLM in this
+  process, or a remote one), then waits until the file DIR/NAME exists, still holding its slot; the test creates
+  that file to let the call go on to its end. A held call ends early as any call does: a hang-up, a cut at the end
+  of a server's grace.
 
 A test that needs a call to be running, or not yet finished, at some point would otherwise size it by the
 machine's speed and hope; a call held this way is running until the test lets it go, however fast or loaded the
@@ -19,7 +20,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +29,51 @@ import anyio
 
 from multilane import cli
 from multilane.engines.base import Chunk
+from multilane.engines.remote import RemoteGenerateEngine, RemotePrompt
 from multilane.engines.vllm import VLLMEngine
 
 GATE = re.compile(r"\[hold:([\w-]+)\]")
 
 
+async def gated(stream: AsyncIterator[Chunk], prompt: str, gates: Path | None) -> AsyncGenerator[Chunk, None]:
+    """`stream`, held after its first chunk until DIR/NAME exists when `prompt` holds `[hold:NAME]`."""
+    gate = GATE.search(prompt) if gates is not None else None
+    release = anyio.Path(gates / gate.group(1)) if gates is not None and gate is not None else None
+    try:
+        async for chunk in stream:
+            yield chunk
+            while release is not None and not await release.exists():  # noqa: ASYNC110 - a file the test makes
+                await anyio.sleep(0.05)
+            release = None  # held after the first chunk only
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]  # the engines' streams are async generators: abort it
+
+
 def hold(*, after: int | None, marker: Path | None, gates: Path | None) -> None:
-    """Patch `VLLMEngine.stream` to hold calls as the module docstring says."""
-    stream = VLLMEngine.stream
+    """Patch `VLLMEngine.stream` and `RemoteGenerateEngine.stream` to hold calls as the module docstring says."""
+    local, remote = VLLMEngine.stream, RemoteGenerateEngine.stream
     started = 0
 
-    async def held(self: VLLMEngine, prompt_ids: Sequence[int], *args: Any, **kwargs: Any) -> AsyncIterator[Chunk]:
+    async def on_vllm(self: VLLMEngine, prompt_ids: Sequence[int], *args: Any, **kwargs: Any) -> AsyncIterator[Chunk]:
         nonlocal started
         started += 1
         if after is not None and marker is not None and started > after:
             await anyio.Path(marker).touch()
             await anyio.sleep_forever()
-        gate = GATE.search(self._tokenizer.decode(prompt_ids)) if gates is not None else None
-        release = anyio.Path(gates / gate.group(1)) if gates is not None and gate is not None else None
-        async for chunk in stream(self, prompt_ids, *args, **kwargs):
-            yield chunk
-            while release is not None and not await release.exists():  # noqa: ASYNC110 - a file the test makes
-                await anyio.sleep(0.05)
-            release = None  # held after the first chunk only
+        text = self._tokenizer.decode(prompt_ids) if gates is not None else ""
+        async with aclosing(gated(local(self, prompt_ids, *args, **kwargs), text, gates)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
-    VLLMEngine.stream = held  # type: ignore[method-assign]
+    async def on_remote(self: RemoteGenerateEngine, prompt: RemotePrompt, *args: Any,
+                        **kwargs: Any) -> AsyncIterator[Chunk]:
+        text = prompt.text if prompt.text is not None else "\n".join(m["content"] for m in prompt.messages or [])
+        async with aclosing(gated(remote(self, prompt, *args, **kwargs), text, gates)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    VLLMEngine.stream = on_vllm  # type: ignore[method-assign]
+    RemoteGenerateEngine.stream = on_remote  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":  # vLLM's engine core is a child process, which imports this file again

